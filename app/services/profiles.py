@@ -1,0 +1,54 @@
+"""Profiles: one per Supabase user, created on first sign-in with the signup credit grant."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import NotFound
+from app.models import Profile
+
+PROFILE_NOT_FOUND = "profile not found: create it with POST /profile"
+
+
+async def get_profile(session: AsyncSession, user_id: UUID) -> Profile | None:
+    profile: Profile | None = await session.get(Profile, user_id)
+    return profile
+
+
+async def get_or_create_profile(
+    session: AsyncSession, user_id: UUID, full_name: str | None, signup_credits: int
+) -> tuple[Profile, bool]:
+    """The user's profile and whether this call created it.
+
+    `ON CONFLICT DO NOTHING` makes concurrent first sign-ins safe: exactly one insert wins,
+    the others wait for it and then read the row it made.
+    """
+    created = await session.scalar(
+        insert(Profile)
+        .values(id=user_id, full_name=full_name, credits=signup_credits)
+        .on_conflict_do_nothing(index_elements=[Profile.id])
+        .returning(Profile)
+    )
+    if created is not None:
+        return created, True
+    existing = await session.scalar(select(Profile).where(Profile.id == user_id))
+    if existing is None:  # deleted between the two statements
+        raise NotFound(PROFILE_NOT_FOUND)
+    return existing, False
+
+
+async def update_full_name(session: AsyncSession, user_id: UUID, full_name: str | None) -> Profile:
+    profile = await session.scalar(
+        update(Profile)
+        .where(Profile.id == user_id)
+        .values(full_name=full_name)
+        .returning(Profile)
+        .execution_options(populate_existing=True)
+    )
+    if profile is None:
+        raise NotFound(PROFILE_NOT_FOUND)
+    return profile

@@ -35,7 +35,7 @@ MAX_TOKEN_LENGTH = 16_384
 JWKS_REFRESH_INTERVAL = 60.0
 # Which JWK key type each asymmetric algorithm needs: a key is only ever used for its own kind.
 ASYMMETRIC_KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
-DEV_SECRET_FILE = "dev-jwt-secret"
+DEV_SECRET_FILE = "dev-jwt-secret"  # noqa: S105 - a file name, not a secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +84,9 @@ class TokenVerifier:
     def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None) -> None:
         self._hs_secret = hs256_secret(settings)
         self._service_key = (
-            settings.supabase_service_role_key.get_secret_value().encode() if settings.supabase_service_role_key else None
+            settings.supabase_service_role_key.get_secret_value().encode()
+            if settings.supabase_service_role_key
+            else None
         )
         self._issuer = settings.jwt_issuer
         self._leeway = settings.jwt_leeway_seconds

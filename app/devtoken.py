@@ -1,6 +1,6 @@
 """Print a development access token, signed like a Supabase one, for /docs and curl.
 
-    poetry run dev-token [--user-id UUID] [--email EMAIL] [--hours N]
+poetry run dev-token [--user-id UUID] [--email EMAIL] [--hours N]
 """
 
 from __future__ import annotations

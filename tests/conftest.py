@@ -11,7 +11,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ def make_settings(database_url: URL, tmp_dir: Path, **overrides: Any) -> Setting
         "data_dir": tmp_dir,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 @pytest.fixture(scope="session")
@@ -171,8 +171,8 @@ def free_port() -> int:
         return port
 
 
-async def wait_for_http(url: str, timeout: float = 20.0) -> httpx.Response:
-    deadline = time.monotonic() + timeout
+async def wait_for_http(url: str, seconds: float = 20.0) -> httpx.Response:
+    deadline = time.monotonic() + seconds
     async with httpx.AsyncClient() as http:
         while True:
             try:
@@ -184,7 +184,7 @@ async def wait_for_http(url: str, timeout: float = 20.0) -> httpx.Response:
 
 
 @pytest.fixture
-def subprocess_env(database_url: URL, tmp_path: Path) -> Iterator[dict[str, str]]:
+def subprocess_env(database_url: URL, tmp_path: Path) -> dict[str, str]:
     """Environment for running the project's commands as a user would, against the test database."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DB_", "SUPABASE_", "DATABASE"))}
     env.update(
@@ -195,4 +195,4 @@ def subprocess_env(database_url: URL, tmp_path: Path) -> Iterator[dict[str, str]
             "PYTHONUNBUFFERED": "1",
         }
     )
-    yield env
+    return env

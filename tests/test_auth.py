@@ -90,9 +90,7 @@ def jwks_server(keys: Keys) -> Iterator[JwksServer]:
 
 
 @pytest.fixture
-async def jwks_client(
-    database_url: URL, tmp_path: Path, jwks_server: JwksServer
-) -> AsyncIterator[httpx.AsyncClient]:
+async def jwks_client(database_url: URL, tmp_path: Path, jwks_server: JwksServer) -> AsyncIterator[httpx.AsyncClient]:
     """An app configured like a current Supabase project: SUPABASE_URL (JWKS), no JWT secret."""
     settings = make_settings(database_url, tmp_path, supabase_url=jwks_server.url, supabase_jwt_secret=None)
     application = create_app(settings)

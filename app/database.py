@@ -107,14 +107,14 @@ async def database_is_up(engine: AsyncEngine) -> bool:
 MIGRATION_LOCK_ID = 0x70696361
 
 
-async def migrate(engine: AsyncEngine) -> None:
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
     """Apply every Alembic migration not yet applied (`alembic upgrade head`), under an advisory lock."""
 
     def upgrade(connection: Connection) -> None:
         config = Config()
         config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
     async with engine.begin() as connection:
         await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})

@@ -18,9 +18,13 @@ class AppError(Exception):
     status_code: ClassVar[int] = 500
     default_detail: ClassVar[str] = "internal error"
 
-    def __init__(self, detail: Any = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, detail: Any = None, headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None
+    ) -> None:
         self.detail = detail if detail is not None else self.default_detail
         self.headers = headers
+        # Machine-readable fields answered beside `detail` (e.g. the balance on a 402).
+        self.extra = extra or {}
         super().__init__(str(self.detail))
 
 
@@ -89,7 +93,7 @@ def _is_connection_failure(exc: BaseException) -> bool:
 
 async def _app_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 
-from sqlalchemy import CheckConstraint, DateTime, Integer, MetaData, Text, func, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -41,3 +54,59 @@ class Profile(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     # Moved by a trigger, so updates made through Supabase's data API move it too.
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class CreditKind(StrEnum):
+    SIGNUP_GRANT = "signup_grant"
+    PURCHASE = "purchase"
+    SUBSCRIPTION_GRANT = "subscription_grant"
+    SPEND = "spend"
+    REFUND = "refund"
+    ADJUSTMENT = "adjustment"
+
+
+class CreditEntry(Base):
+    """One change of one balance. Append-only: profiles.credits == sum(amount) for every profile."""
+
+    __tablename__ = "credit_entries"
+    __table_args__ = (
+        CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
+        CheckConstraint(
+            "kind IN ('signup_grant', 'purchase', 'subscription_grant', 'spend', 'refund', 'adjustment')",
+            name="kind_known",
+        ),
+        CheckConstraint("char_length(note) <= 500", name="note_length"),
+        Index("ix_credit_entries_profile_id_id", "profile_id", text("id DESC")),
+        # A profile's signup grant happens once.
+        Index(
+            "uq_credit_entries_signup_grant", "profile_id", unique=True, postgresql_where=text("kind = 'signup_grant'")
+        ),
+        # A spend with an Idempotency-Key happens once per user and key.
+        Index(
+            "uq_credit_entries_spend_key",
+            "profile_id",
+            "reference",
+            unique=True,
+            postgresql_where=text("kind = 'spend' AND reference IS NOT NULL"),
+        ),
+        # A Stripe object (checkout session, invoice) grants credits once.
+        Index(
+            "uq_credit_entries_stripe_grant",
+            "kind",
+            "reference",
+            unique=True,
+            postgresql_where=text("kind IN ('purchase', 'subscription_grant', 'refund') AND reference IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    profile_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("profiles.id", ondelete="CASCADE"), nullable=False
+    )
+    amount: Mapped[int] = mapped_column(Integer, nullable=False)
+    balance_after: Mapped[int] = mapped_column(Integer, nullable=False)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    # Stripe object id, or the client's Idempotency-Key for a spend.
+    reference: Mapped[str | None] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())

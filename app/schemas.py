@@ -28,21 +28,30 @@ PROTECTED_PROFILE_FIELDS = frozenset(
 )
 
 
-def _clean_full_name(value: str) -> str:
+REASON_MAX = 200
+SPEND_MAX = 1_000_000
+
+
+def _clean_text(value: str, max_length: int) -> str:
     value = value.strip()
     if not value:
-        raise ValueError("full_name must not be empty")
-    if len(value) > FULL_NAME_MAX:
-        raise ValueError(f"full_name must be at most {FULL_NAME_MAX} characters")
+        raise ValueError("must not be empty")
+    if len(value) > max_length:
+        raise ValueError(f"must be at most {max_length} characters")
     if any(unicodedata.category(char) == "Cc" for char in value):
-        raise ValueError("full_name must not contain control characters")
+        raise ValueError("must not contain control characters")
     return value
 
 
 FullName = Annotated[
     str,
     Field(description="Display name: trimmed, 1 to 200 characters", examples=["Ada Lovelace"]),
-    AfterValidator(_clean_full_name),
+    AfterValidator(lambda value: _clean_text(value, FULL_NAME_MAX)),
+]
+Reason = Annotated[
+    str,
+    Field(description="Why: trimmed, 1 to 200 characters", examples=["ad image generation"]),
+    AfterValidator(lambda value: _clean_text(value, REASON_MAX)),
 ]
 
 
@@ -112,6 +121,50 @@ def _refuse_protected_fields(data: Any) -> Any:
     return data
 
 
+class CreditEntryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    amount: int = Field(description="Signed: positive adds credits, negative takes them")
+    balance_after: int
+    kind: str = Field(examples=["spend"])
+    reference: str | None = Field(description="The Stripe object id, or the spend's Idempotency-Key")
+    note: str | None
+    created_at: datetime
+
+
+class SpendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: int = Field(strict=True, ge=1, le=SPEND_MAX, description="Credits to spend, a whole number")
+    reason: Reason | None = None
+
+
+class AdjustmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: int = Field(
+        strict=True, ge=-SPEND_MAX, le=SPEND_MAX, description="Signed: positive adds credits, negative takes them"
+    )
+    reason: Reason
+
+    @model_validator(mode="after")
+    def _not_zero(self) -> AdjustmentRequest:
+        if self.amount == 0:
+            raise ValueError("amount must not be 0")
+        return self
+
+
+class BalanceChangeOut(BaseModel):
+    balance: int = Field(description="The balance after this change")
+    entry: CreditEntryOut
+
+
+class TransactionsOut(BaseModel):
+    entries: list[CreditEntryOut]
+    next_cursor: int | None = Field(description="Pass as `before` for the next (older) page; null on the last")
+
+
 class DashboardUser(BaseModel):
     id: UUID
     email: str | None
@@ -121,3 +174,5 @@ class DashboardUser(BaseModel):
 class DashboardOut(BaseModel):
     user: DashboardUser
     profile: ProfileOut | None
+    balance: int | None = Field(description="Your credits; null until your profile exists")
+    recent_entries: list[CreditEntryOut] = Field(description="Your five newest ledger entries")

@@ -43,7 +43,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> URL:
     return start_embedded_postgres(tmp_path_factory.mktemp("embedded"), database="postgres", keep_running=False)
 
 
-async def _admin(url: URL, statement: str) -> None:
+async def admin_execute(url: URL, statement: str) -> None:
     url, connect_args = split_sslmode(url)
     engine = create_async_engine(url, isolation_level="AUTOCOMMIT", connect_args=connect_args)
     try:
@@ -57,9 +57,9 @@ async def _admin(url: URL, statement: str) -> None:
 async def database_url(server_url: URL) -> AsyncIterator[URL]:
     """A database of the suite's own, created empty and dropped at the end."""
     name = f"picads_test_{secrets.token_hex(4)}"
-    await _admin(server_url, f'CREATE DATABASE "{name}"')
+    await admin_execute(server_url, f'CREATE DATABASE "{name}"')
     yield server_url.set(database=name)
-    await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def make_settings(database_url: URL, tmp_dir: Path, **overrides: Any) -> Settings:

@@ -144,11 +144,15 @@ async def test_dashboard(client: httpx.AsyncClient, token: TokenFactory, user_id
     assert before.json() == {
         "user": {"id": str(user_id), "email": "ada@example.com", "role": "authenticated"},
         "profile": None,
+        "balance": None,
+        "recent_entries": [],
     }
     await client.post("/profile", headers=headers, json={"full_name": "Ada"})
     after = (await client.get("/dashboard", headers=headers)).json()
     assert after["profile"]["credits"] == 1000
     assert after["profile"]["full_name"] == "Ada"
+    assert after["balance"] == 1000
+    assert [(e["kind"], e["amount"]) for e in after["recent_entries"]] == [("signup_grant", 1000)]
 
 
 async def test_service_role_has_no_profile(client: httpx.AsyncClient) -> None:

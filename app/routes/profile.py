@@ -6,8 +6,8 @@ from app.auth import CurrentUser
 from app.database import SessionDep
 from app.errors import NotFound
 from app.routes.responses import errors
-from app.schemas import DashboardOut, DashboardUser, ProfileCreate, ProfileOut, ProfileUpdate
-from app.services import profiles
+from app.schemas import CreditEntryOut, DashboardOut, DashboardUser, ProfileCreate, ProfileOut, ProfileUpdate
+from app.services import credits, profiles
 
 router = APIRouter(tags=["profile"])
 
@@ -49,10 +49,15 @@ async def update_profile(user: CurrentUser, session: SessionDep, body: ProfileUp
     return ProfileOut.model_validate(profile)
 
 
-@router.get("/dashboard", summary="Who you are, with your profile", responses=errors(401, 403, 503))
+@router.get(
+    "/dashboard", summary="Who you are, with your profile, balance and latest entries", responses=errors(401, 403, 503)
+)
 async def dashboard(user: CurrentUser, session: SessionDep) -> DashboardOut:
     profile = await profiles.get_profile(session, user.id)
+    recent = await credits.list_entries(session, user.id, limit=5, before=None) if profile else []
     return DashboardOut(
         user=DashboardUser(id=user.id, email=user.email, role=user.role),
         profile=ProfileOut.model_validate(profile) if profile else None,
+        balance=profile.credits if profile else None,
+        recent_entries=[CreditEntryOut.model_validate(entry) for entry in recent],
     )

@@ -9,7 +9,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NotFound
-from app.models import Profile
+from app.models import CreditEntry, CreditKind, Profile
 
 PROFILE_NOT_FOUND = "profile not found: create it with POST /profile"
 
@@ -22,7 +22,7 @@ async def get_profile(session: AsyncSession, user_id: UUID) -> Profile | None:
 async def get_or_create_profile(
     session: AsyncSession, user_id: UUID, full_name: str | None, signup_credits: int
 ) -> tuple[Profile, bool]:
-    """The user's profile and whether this call created it.
+    """The user's profile and whether this call created it (with its signup grant in the ledger).
 
     `ON CONFLICT DO NOTHING` makes concurrent first sign-ins safe: exactly one insert wins,
     the others wait for it and then read the row it made.
@@ -34,6 +34,15 @@ async def get_or_create_profile(
         .returning(Profile)
     )
     if created is not None:
+        await session.execute(
+            insert(CreditEntry).values(
+                profile_id=user_id,
+                amount=signup_credits,
+                balance_after=signup_credits,
+                kind=CreditKind.SIGNUP_GRANT.value,
+                note="signup grant",
+            )
+        )
         return created, True
     existing = await session.scalar(select(Profile).where(Profile.id == user_id))
     if existing is None:  # deleted between the two statements

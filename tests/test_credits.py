@@ -1,0 +1,241 @@
+"""The credits ledger under real concurrency: atomic spends, idempotent retries, history, adjustments."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from app.services.credits import find_ledger_mismatches
+from tests.conftest import TEST_SERVICE_ROLE_KEY, TokenFactory, bearer, sign
+
+SERVICE = bearer(TEST_SERVICE_ROLE_KEY)
+
+
+async def mismatches(engine: AsyncEngine) -> list[Any]:
+    async with AsyncSession(engine) as session:
+        return await find_ledger_mismatches(session)
+
+
+@pytest.fixture
+async def member(client: httpx.AsyncClient, auth: dict[str, str]) -> dict[str, str]:
+    """A signed-in user with a profile (1000 credits)."""
+    assert (await client.post("/profile", headers=auth)).status_code == 201
+    return auth
+
+
+async def test_spend(client: httpx.AsyncClient, member: dict[str, str], engine: AsyncEngine) -> None:
+    response = await client.post("/credits/spend", headers=member, json={"amount": 30, "reason": "ad image"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["balance"] == 970
+    assert body["entry"]["amount"] == -30
+    assert body["entry"]["balance_after"] == 970
+    assert body["entry"]["kind"] == "spend"
+    assert body["entry"]["note"] == "ad image"
+    assert (await client.get("/profile", headers=member)).json()["credits"] == 970
+    assert await mismatches(engine) == []
+
+
+async def test_concurrent_spends_never_overdraw(
+    client: httpx.AsyncClient, member: dict[str, str], user_id: uuid.UUID, engine: AsyncEngine
+) -> None:
+    responses = await asyncio.gather(
+        *(client.post("/credits/spend", headers=member, json={"amount": 30}) for _ in range(50))
+    )
+    statuses = [response.status_code for response in responses]
+    assert statuses.count(200) == 33
+    assert statuses.count(402) == 17
+    assert sorted(r.json()["balance"] for r in responses if r.status_code == 200) == list(range(10, 1000, 30))
+    assert (await client.get("/profile", headers=member)).json()["credits"] == 10
+    async with engine.connect() as connection:
+        count, total = (
+            await connection.execute(
+                text("SELECT count(*), sum(amount) FROM credit_entries WHERE profile_id = :id"), {"id": user_id}
+            )
+        ).one()
+    assert (count, total) == (34, 10)
+    assert await mismatches(engine) == []
+
+
+async def test_too_low_balance_is_402_with_the_numbers(client: httpx.AsyncClient, member: dict[str, str]) -> None:
+    response = await client.post("/credits/spend", headers=member, json={"amount": 1001})
+    assert response.status_code == 402
+    assert response.json() == {
+        "detail": "not enough credits: 1000 available, 1001 requested",
+        "balance": 1000,
+        "requested": 1001,
+    }
+    assert (await client.get("/profile", headers=member)).json()["credits"] == 1000
+
+
+async def test_spend_without_profile_is_404(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
+    response = await client.post("/credits/spend", headers=auth, json={"amount": 1})
+    assert response.status_code == 404
+    keyed = await client.post("/credits/spend", headers={**auth, "Idempotency-Key": "k"}, json={"amount": 1})
+    assert keyed.status_code == 404
+
+
+async def test_idempotent_retries_charge_once(
+    client: httpx.AsyncClient, member: dict[str, str], engine: AsyncEngine
+) -> None:
+    headers = {**member, "Idempotency-Key": str(uuid.uuid4())}
+    body = {"amount": 25, "reason": "ad image"}
+    responses = await asyncio.gather(*(client.post("/credits/spend", headers=headers, json=body) for _ in range(20)))
+    assert {response.status_code for response in responses} == {200}
+    assert len({response.text for response in responses}) == 1
+    assert responses[0].json()["balance"] == 975
+    assert (await client.get("/profile", headers=member)).json()["credits"] == 975
+
+    later = await client.post("/credits/spend", headers=headers, json=body)
+    assert later.text == responses[0].text
+    assert await mismatches(engine) == []
+
+
+async def test_reused_key_with_another_body_is_409(client: httpx.AsyncClient, member: dict[str, str]) -> None:
+    headers = {**member, "Idempotency-Key": "order-1"}
+    assert (await client.post("/credits/spend", headers=headers, json={"amount": 10})).status_code == 200
+    for other in ({"amount": 11}, {"amount": 10, "reason": "something else"}):
+        response = await client.post("/credits/spend", headers=headers, json=other)
+        assert response.status_code == 409
+        assert "Idempotency-Key" in response.json()["detail"]
+    assert (await client.get("/profile", headers=member)).json()["credits"] == 990
+
+
+async def test_idempotency_keys_are_per_user(client: httpx.AsyncClient, token: TokenFactory) -> None:
+    alice, bob = bearer(token()), bearer(token())
+    for headers in (alice, bob):
+        await client.post("/profile", headers=headers)
+        spent = await client.post("/credits/spend", headers={**headers, "Idempotency-Key": "same"}, json={"amount": 5})
+        assert spent.json()["balance"] == 995
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"amount": 0}, "greater than or equal to 1"),
+        ({"amount": -5}, "greater than or equal to 1"),
+        ({"amount": 2.5}, "valid integer"),
+        ({"amount": 3.0}, "valid integer"),
+        ({"amount": "30"}, "valid integer"),
+        ({"amount": 1_000_001}, "less than or equal to 1000000"),
+        ({"amount": True}, "valid integer"),
+        ({"reason": "x"}, "Field required"),
+        ({"amount": 1, "reason": "x" * 201}, "at most 200"),
+        ({"amount": 1, "credits": 5}, "Extra inputs"),
+        (None, "Field required"),
+    ],
+)
+async def test_invalid_spend_is_422(
+    client: httpx.AsyncClient, member: dict[str, str], body: dict[str, Any] | None, message: str
+) -> None:
+    response = await client.post("/credits/spend", headers=member, json=body)
+    assert response.status_code == 422
+    assert message in str(response.json()["detail"])
+    assert (await client.get("/profile", headers=member)).json()["credits"] == 1000
+
+
+async def test_bad_idempotency_key_is_422(client: httpx.AsyncClient, member: dict[str, str]) -> None:
+    response = await client.post("/credits/spend", headers={**member, "Idempotency-Key": "k" * 256}, json={"amount": 1})
+    assert response.status_code == 422
+
+
+async def test_pagination_walks_every_entry_once(client: httpx.AsyncClient, member: dict[str, str]) -> None:
+    for number in range(1, 24):
+        await client.post("/credits/spend", headers=member, json={"amount": 1, "reason": f"spend {number}"})
+    seen: list[int] = []
+    cursor: int | None = None
+    pages = 0
+    while True:
+        params: dict[str, int] = {"limit": 5} if cursor is None else {"limit": 5, "before": cursor}
+        page = (await client.get("/credits/transactions", headers=member, params=params)).json()
+        pages += 1
+        seen.extend(entry["id"] for entry in page["entries"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 5
+    assert len(seen) == 24 == len(set(seen))
+    assert seen == sorted(seen, reverse=True)
+    first = (await client.get("/credits/transactions", headers=member)).json()["entries"]
+    assert first[0]["note"] == "spend 23"
+    assert first[-1]["note"] == "spend 4"
+    oldest = (await client.get("/credits/transactions", headers=member, params={"before": seen[-2]})).json()
+    assert [e["kind"] for e in oldest["entries"]] == ["signup_grant"]
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 101}, {"before": 0}, {"before": "abc"}])
+async def test_bad_pagination_is_422(client: httpx.AsyncClient, member: dict[str, str], params: dict[str, Any]) -> None:
+    assert (await client.get("/credits/transactions", headers=member, params=params)).status_code == 422
+
+
+async def test_users_see_only_their_own_entries(client: httpx.AsyncClient, token: TokenFactory) -> None:
+    alice, bob = bearer(token()), bearer(token())
+    for headers in (alice, bob):
+        await client.post("/profile", headers=headers)
+    await client.post("/credits/spend", headers=alice, json={"amount": 7})
+    bobs = (await client.get("/credits/transactions", headers=bob)).json()["entries"]
+    assert [entry["kind"] for entry in bobs] == ["signup_grant"]
+
+
+async def test_service_role_adjustment(
+    client: httpx.AsyncClient, member: dict[str, str], user_id: uuid.UUID, engine: AsyncEngine
+) -> None:
+    url = f"/admin/profiles/{user_id}/credits"
+    added = await client.post(url, headers=SERVICE, json={"amount": 250, "reason": "support refund"})
+    assert added.status_code == 200
+    assert added.json()["balance"] == 1250
+    assert added.json()["entry"]["kind"] == "adjustment"
+    assert added.json()["entry"]["note"] == "support refund"
+
+    legacy_service_jwt = bearer(sign({"iss": "supabase", "role": "service_role", "iat": 1, "exp": 2_000_000_000}))
+    taken = await client.post(url, headers=legacy_service_jwt, json={"amount": -1250, "reason": "fraud"})
+    assert taken.json()["balance"] == 0
+
+    below = await client.post(url, headers=SERVICE, json={"amount": -1, "reason": "too far"})
+    assert below.status_code == 402
+    assert below.json()["balance"] == 0
+    assert await mismatches(engine) == []
+
+
+async def test_adjustment_needs_the_service_role(
+    client: httpx.AsyncClient, member: dict[str, str], user_id: uuid.UUID
+) -> None:
+    url = f"/admin/profiles/{user_id}/credits"
+    body = {"amount": 1_000_000, "reason": "free money"}
+    assert (await client.post(url, headers=member, json=body)).status_code == 403
+    assert (await client.post(url, json=body)).status_code == 401
+    assert (await client.get("/profile", headers=member)).json()["credits"] == 1000
+
+
+@pytest.mark.parametrize(
+    "body", [{"amount": 0, "reason": "x"}, {"amount": 5}, {"amount": 5, "reason": ""}, {"amount": 1.5, "reason": "x"}]
+)
+async def test_invalid_adjustment_is_422(
+    client: httpx.AsyncClient, member: dict[str, str], user_id: uuid.UUID, body: dict[str, Any]
+) -> None:
+    response = await client.post(f"/admin/profiles/{user_id}/credits", headers=SERVICE, json=body)
+    assert response.status_code == 422
+
+
+async def test_adjusting_an_unknown_user_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        f"/admin/profiles/{uuid.uuid4()}/credits", headers=SERVICE, json={"amount": 5, "reason": "x"}
+    )
+    assert response.status_code == 404
+    bad_id = await client.post("/admin/profiles/not-a-uuid/credits", headers=SERVICE, json={"amount": 5, "reason": "x"})
+    assert bad_id.status_code == 422
+
+
+async def test_mismatch_is_reported(
+    client: httpx.AsyncClient, member: dict[str, str], user_id: uuid.UUID, engine: AsyncEngine
+) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(text("UPDATE profiles SET credits = credits + 5 WHERE id = :id"), {"id": user_id})
+    found = await mismatches(engine)
+    assert [(m.profile_id, m.balance, m.ledger_sum) for m in found] == [(user_id, 1005, 1000)]

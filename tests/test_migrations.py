@@ -1,0 +1,59 @@
+"""Migrations: they build exactly the models' schema, and the ledger migration keeps existing balances."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from app.database import migrate
+from app.models import Base
+from app.services.credits import find_ledger_mismatches
+from tests.conftest import admin_execute
+
+
+@pytest.fixture
+async def empty_engine(server_url: URL) -> AsyncIterator[AsyncEngine]:
+    name = f"picads_migrations_{secrets.token_hex(4)}"
+    await admin_execute(server_url, f'CREATE DATABASE "{name}"')
+    engine = create_async_engine(server_url.set(database=name))
+    yield engine
+    await engine.dispose()
+    await admin_execute(server_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+async def test_migrations_match_the_models(empty_engine: AsyncEngine) -> None:
+    await migrate(empty_engine)
+
+    def differences(connection: Connection) -> list[object]:
+        return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+
+    async with empty_engine.connect() as connection:
+        assert await connection.run_sync(differences) == []
+
+
+async def test_ledger_migration_opens_every_existing_balance(empty_engine: AsyncEngine) -> None:
+    await migrate(empty_engine, "0001")
+    ids = [uuid.uuid4() for _ in range(3)]
+    async with empty_engine.begin() as connection:
+        for user_id, credits in zip(ids, (1000, 0, 42), strict=True):
+            await connection.execute(
+                text("INSERT INTO profiles (id, credits) VALUES (:id, :credits)"), {"id": user_id, "credits": credits}
+            )
+    await migrate(empty_engine)
+    await migrate(empty_engine)  # a second run changes nothing
+    async with AsyncSession(empty_engine) as session:
+        assert await find_ledger_mismatches(session) == []
+        rows = (await session.execute(text("SELECT profile_id, amount, kind FROM credit_entries"))).all()
+    assert sorted((row.amount, row.kind) for row in rows) == [
+        (0, "adjustment"),
+        (42, "adjustment"),
+        (1000, "adjustment"),
+    ]

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +36,10 @@ MAX_TOKEN_LENGTH = 16_384
 JWKS_REFRESH_INTERVAL = 60.0
 # Which JWK key type each asymmetric algorithm needs: a key is only ever used for its own kind.
 ASYMMETRIC_KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
+# Verified tokens are remembered (bounded in count, and each until its own `exp`) so a page that
+# makes several calls pays for one signature check.
+VERIFIED_CACHE_SIZE = 10_000
+VERIFIED_CACHE_SECONDS = 300.0
 DEV_SECRET_FILE = "dev-jwt-secret"  # noqa: S105 - a file name, not a secret
 
 
@@ -95,6 +100,7 @@ class TokenVerifier:
         self._fetched_keys: dict[str, dict[str, Any]] = {}
         self._last_fetch = float("-inf")
         self._fetch_lock = asyncio.Lock()
+        self._verified: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
         self._http = http or httpx.AsyncClient(timeout=5.0)
         self.algorithms = {"HS256"} if self._hs_secret else set()
         if self._jwks_url or self._static_keys:
@@ -111,6 +117,20 @@ class TokenVerifier:
         return self._service_key is not None and hmac.compare_digest(token.encode(), self._service_key)
 
     async def verify(self, token: str) -> Principal:
+        now = time.time()
+        cached = self._verified.get(token)
+        if cached is not None:
+            if now < cached[0]:
+                self._verified.move_to_end(token)
+                return cached[1]
+            del self._verified[token]
+        principal, expires_at = await self._verify_uncached(token)
+        self._verified[token] = (min(expires_at, now + VERIFIED_CACHE_SECONDS), principal)
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _verify_uncached(self, token: str) -> tuple[Principal, float]:
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthorized("invalid token")
         try:
@@ -139,7 +159,7 @@ class TokenVerifier:
             raise Unauthorized("token expired") from None
         except JWTError:
             raise Unauthorized("invalid token") from None
-        return self._principal(claims)
+        return self._principal(claims), float(claims["exp"])
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
         role = claims.get("role")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -255,3 +256,17 @@ async def test_static_jwks_setting_works_offline(database_url: URL, tmp_path: Pa
             token = sign(user_claims(), _pem(keys.rsa, True), "RS256", kid="rsa-1")
             assert (await http.get("/public-data", headers=bearer(token))).json()["authenticated"] is True
             assert (await http.get("/public-data", headers=bearer(sign(user_claims())))).status_code == 401
+
+
+async def test_a_remembered_token_still_expires(database_url: URL, tmp_path: Path) -> None:
+    application = create_app(make_settings(database_url, tmp_path, jwt_leeway_seconds=0))
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            token = bearer(sign(user_claims(exp=int(time.time()) + 1)))
+            assert (await http.get("/public-data", headers=token)).status_code == 200
+            assert (await http.get("/public-data", headers=token)).status_code == 200
+            await asyncio.sleep(2.1 - (time.time() % 1))
+            expired = await http.get("/public-data", headers=token)
+            assert expired.status_code == 401
+            assert expired.json() == {"detail": "token expired"}

@@ -14,7 +14,8 @@ from app.auth import TokenVerifier
 from app.config import Settings, describe, load_settings
 from app.database import create_engine, create_sessionmaker, migrate, resolve_database_url
 from app.errors import install_error_handlers
-from app.routes import credits, profile, public
+from app.routes import billing, credits, profile, public
+from app.services.billing import connect_stripe
 
 logger = logging.getLogger("app")
 
@@ -36,6 +37,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
     app.state.verifier = verifier
+    # None without STRIPE_SECRET_KEY: checkout and the portal then answer 503.
+    app.state.stripe = connect_stripe(settings)
+    if settings.stripe_secret_key and not settings.stripe_webhook_secret:
+        logger.warning("STRIPE_WEBHOOK_SECRET is not set: /webhook refuses events, so payments grant no credits")
     embedded = "" if settings.database_configured else f" (embedded, data in {settings.data_dir / 'pgdata'})"
     logger.info("database: %s%s", describe(url), embedded)
     if verifier.uses_development_secret:
@@ -43,6 +48,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if app.state.stripe is not None:
+            await app.state.stripe.aclose()
         await verifier.aclose()
         await engine.dispose()
 
@@ -68,4 +75,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(profile.router)
     app.include_router(credits.router)
     app.include_router(credits.admin_router)
+    app.include_router(billing.router)
+    app.include_router(billing.webhook_router)
     return app

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 
@@ -18,6 +18,50 @@ DEFAULT_CORS_ORIGINS = ("http://localhost:5173", "http://localhost:5174")
 SUPABASE_TRANSACTION_POOLER_PORT = 6543
 # libpq's `sslmode` spelled as asyncpg's `ssl` argument.
 _SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+
+class CatalogueItem(BaseModel):
+    """One Stripe price we sell: what the user sees and the credits it grants (per paid invoice, for a plan)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    credits: int = Field(gt=0)
+
+
+def _parse_catalogue(value: Any) -> Any:
+    """CREDIT_PACKS / SUBSCRIPTION_PLANS: a JSON object from Stripe price id to {"name": str, "credits": int}.
+
+    Checked here, item by item, so a mistake at start-up names the price and the field at fault.
+    """
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(
+                'must be a JSON object, e.g. {"price_123": {"name": "Starter pack", "credits": 500}}'
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError('must be a JSON object from price id to {"name": ..., "credits": ...}')
+    for price_id, item in value.items():
+        if not isinstance(price_id, str) or not price_id.startswith("price_"):
+            hint = " (that is a product id: use the price's id, price_...)" if str(price_id).startswith("prod_") else ""
+            raise ValueError(f"{price_id!r} is not a Stripe price id (price_...){hint}")
+        if isinstance(item, CatalogueItem):
+            continue
+        if not isinstance(item, dict):
+            raise ValueError(f'{price_id}: must be an object {{"name": ..., "credits": ...}}')
+        unknown = sorted(set(item) - {"name", "credits"})
+        if unknown:
+            raise ValueError(f"{price_id}: unknown field(s) {', '.join(unknown)} (only name and credits)")
+        name, credits = item.get("name"), item.get("credits")
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise ValueError(f"{price_id}: name must be a non-empty string of at most 100 characters")
+        if isinstance(credits, bool) or not isinstance(credits, int) or credits <= 0:
+            raise ValueError(f"{price_id}: credits must be a whole number above 0")
+    return value
 
 
 class Settings(BaseSettings):
@@ -57,6 +101,18 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str] | None, NoDecode] = None
 
     signup_credits: int = Field(1000, ge=0)
+
+    # Stripe. Without a secret key, checkout and the portal answer 503; without a webhook secret, /webhook does.
+    stripe_secret_key: SecretStr | None = None
+    stripe_publishable_key: str | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    # Another API address (stripe-mock, a local fake); unset: Stripe itself.
+    stripe_api_base: str | None = None
+    stripe_timeout: float = Field(10.0, gt=0, le=120)
+    stripe_max_network_retries: int = Field(2, ge=0, le=5)
+    # Price id -> {"name", "credits"}: one-time credit packs, and monthly plans (credits per paid invoice).
+    credit_packs: Annotated[dict[str, CatalogueItem], NoDecode] = Field(default_factory=dict)
+    subscription_plans: Annotated[dict[str, CatalogueItem], NoDecode] = Field(default_factory=dict)
     # Embedded PostgreSQL data and the generated development secret live here (git-ignored).
     data_dir: Path = PROJECT_ROOT / ".picads"
 
@@ -77,10 +133,37 @@ class Settings(BaseSettings):
             raise ValueError("'*' is not allowed: list the front end's origins (credentials are sent)")
         return value
 
-    @field_validator("supabase_url", "frontend_url")
+    @field_validator("supabase_url", "frontend_url", "stripe_api_base")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else None
+
+    @field_validator("credit_packs", "subscription_plans", mode="before")
+    @classmethod
+    def _catalogue(cls, value: Any) -> Any:
+        return _parse_catalogue(value)
+
+    @field_validator("stripe_secret_key", "stripe_webhook_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # `STRIPE_WEBHOOK_SECRET=` in a .env means "not configured", not an empty secret.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("stripe_secret_key")
+    @classmethod
+    def _secret_key_kind(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().startswith("pk_"):
+            raise ValueError("this is a publishable key (pk_...): use the secret key (sk_... or rk_...)")
+        return value
+
+    @field_validator("stripe_webhook_secret")
+    @classmethod
+    def _webhook_secret_kind(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith("whsec_"):
+            raise ValueError(
+                "must be a webhook signing secret (whsec_...), from `stripe listen` or the endpoint in the dashboard"
+            )
+        return value
 
     @field_validator("supabase_jwks")
     @classmethod
@@ -107,6 +190,11 @@ class Settings(BaseSettings):
             raise ValueError(f"incomplete database settings: {missing} missing (or set DATABASE_URL)")
         if self.database_url:
             self.database_url_object  # noqa: B018 - parse now, so a bad URL fails at start-up
+        both = sorted(set(self.credit_packs) & set(self.subscription_plans))
+        if both:
+            raise ValueError(
+                f"{', '.join(both)} is in both CREDIT_PACKS and SUBSCRIPTION_PLANS: a price is one or the other"
+            )
         if self.is_production:
             if not self.database_configured:
                 raise ValueError(
@@ -117,6 +205,10 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "ENVIRONMENT=production needs a token verifier: set SUPABASE_JWT_SECRET, "
                     "SUPABASE_URL (JWKS) or SUPABASE_JWKS"
+                )
+            if self.stripe_secret_key and not self.frontend_url:
+                raise ValueError(
+                    "STRIPE_SECRET_KEY is set but FRONTEND_URL is not: Checkout needs it to send users back"
                 )
         return self
 
@@ -138,6 +230,11 @@ class Settings(BaseSettings):
         if self.frontend_url and self.frontend_url not in origins:
             origins.append(self.frontend_url)
         return origins
+
+    @property
+    def billing_return_base(self) -> str:
+        """Where Checkout and the portal send users back to: the front end (the Vite dev server by default)."""
+        return self.frontend_url or DEFAULT_CORS_ORIGINS[0]
 
     @property
     def jwt_issuer(self) -> str | None:

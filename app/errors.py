@@ -28,6 +28,11 @@ class AppError(Exception):
         super().__init__(str(self.detail))
 
 
+class BadRequest(AppError):
+    status_code = 400
+    default_detail = "bad request"
+
+
 class Unauthorized(AppError):
     status_code = 401
     default_detail = "invalid token"
@@ -54,6 +59,18 @@ class NotFound(AppError):
 class Conflict(AppError):
     status_code = 409
     default_detail = "conflict"
+
+
+class Unprocessable(AppError):
+    """A well-formed request naming something that does not exist here (an unknown price, say)."""
+
+    status_code = 422
+    default_detail = "unprocessable request"
+
+
+class BadGateway(AppError):
+    status_code = 502
+    default_detail = "an upstream service failed"
 
 
 class ServiceUnavailable(AppError):

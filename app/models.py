@@ -8,6 +8,7 @@ from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -51,6 +52,11 @@ class Profile(Base):
     subscription_status: Mapped[str | None] = mapped_column(Text)
     subscription_price_id: Mapped[str | None] = mapped_column(Text)
     subscription_current_period_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    subscription_cancel_at_period_end: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false")
+    )
+    # Stripe's time of the event the subscription fields come from: an older event never overwrites them.
+    subscription_event_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     # Moved by a trigger, so updates made through Supabase's data API move it too.
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
@@ -110,3 +116,18 @@ class CreditEntry(Base):
     reference: Mapped[str | None] = mapped_column(Text)
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class StripeEvent(Base):
+    """One row per Stripe event received, written in the same transaction as the event's effects."""
+
+    __tablename__ = "stripe_events"
+
+    # Stripe's event id (evt_...): a second delivery of the same event conflicts here and changes nothing.
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    type: Mapped[str] = mapped_column(Text, nullable=False)
+    # When Stripe created the event.
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    # What processing did (e.g. "granted 500 credits"), for troubleshooting.
+    outcome: Mapped[str | None] = mapped_column(Text)

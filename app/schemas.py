@@ -22,6 +22,8 @@ PROTECTED_PROFILE_FIELDS = frozenset(
         "subscription_status",
         "subscription_price_id",
         "subscription_current_period_end",
+        "subscription_cancel_at_period_end",
+        "subscription_event_at",
         "created_at",
         "updated_at",
     }
@@ -86,6 +88,7 @@ class ProfileOut(BaseModel):
     subscription_status: str | None
     subscription_price_id: str | None
     subscription_current_period_end: datetime | None
+    subscription_cancel_at_period_end: bool = Field(description="The subscription ends at the period end")
     created_at: datetime
     updated_at: datetime
 
@@ -176,3 +179,39 @@ class DashboardOut(BaseModel):
     profile: ProfileOut | None
     balance: int | None = Field(description="Your credits; null until your profile exists")
     recent_entries: list[CreditEntryOut] = Field(description="Your five newest ledger entries")
+
+
+class CatalogueEntryOut(BaseModel):
+    price_id: str = Field(examples=["price_1PackStarter"])
+    name: str = Field(examples=["Starter pack"])
+    credits: int = Field(description="Credits granted: once for a pack, on every paid invoice for a plan")
+
+
+class PlansOut(BaseModel):
+    publishable_key: str | None = Field(description="Stripe's publishable key, for Stripe.js; null when not set")
+    checkout_enabled: bool = Field(description="Whether this server can start a checkout (STRIPE_SECRET_KEY set)")
+    credit_packs: list[CatalogueEntryOut] = Field(description="One-time purchases")
+    subscription_plans: list[CatalogueEntryOut] = Field(description="Monthly subscriptions")
+
+
+class CheckoutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    price_id: str = Field(
+        min_length=1, max_length=255, description="A price from GET /billing/plans", examples=["price_1PackStarter"]
+    )
+
+
+class CheckoutOut(BaseModel):
+    url: str = Field(description="Stripe Checkout: send the browser here")
+    session_id: str = Field(examples=["cs_test_a1b2c3"])
+
+
+class PortalOut(BaseModel):
+    url: str = Field(description="Stripe's customer portal: send the browser here")
+
+
+class WebhookOut(BaseModel):
+    received: bool = True
+    duplicate: bool = Field(description="The event was already processed; nothing changed")
+    outcome: str = Field(description="What processing did", examples=["granted 500 credits"])

@@ -16,6 +16,7 @@ DESCRIPTIONS = {
     404: "Not found",
     409: "Conflicts with an earlier request",
     422: "The request body or parameters are invalid",
+    400: "The request could not be used as sent",
     502: "An upstream service failed",
     503: "The database (or a required service) is unavailable",
 }

@@ -1,15 +1,15 @@
 """ASGI entry point (`gunicorn main:app`) and the development server (`python main.py`)."""
 
-import logging
-
 import uvicorn
 
 from app.application import create_app
 from app.config import load_settings
+from app.logs import configure_logging
 
 settings = load_settings()
+configure_logging(settings.log_format, settings.log_level)
 app = create_app(settings)
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    uvicorn.run(app, host=settings.host, port=settings.port)
+    # log_config=None: keep the logging configured above (one request line each, JSON when asked).
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)

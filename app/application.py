@@ -14,10 +14,15 @@ from app.auth import TokenVerifier
 from app.config import Settings, describe, load_settings
 from app.database import create_engine, create_sessionmaker, migrate, resolve_database_url
 from app.errors import install_error_handlers
+from app.middleware import BodySizeLimitMiddleware, RequestLogMiddleware, SecurityHeadersMiddleware
 from app.routes import billing, credits, profile, public
 from app.services.billing import connect_stripe
 
 logger = logging.getLogger("app")
+
+# Stripe's events are small, but a large invoice can exceed the general limit.
+WEBHOOK_MAX_BODY_BYTES = 4 * 1024 * 1024
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")
 
 DESCRIPTION = """
 The Picads.ai backend. Sign in with Supabase and send the access token as `Authorization: Bearer <token>`
@@ -56,20 +61,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
+    docs = settings.docs_enabled
     app = FastAPI(
         title="Picads API",
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
+    # Added innermost first: the request log wraps everything, so it sees every status, 413s included.
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
         allow_credentials=True,
         allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+        expose_headers=["X-Request-ID", "Retry-After"],
     )
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={"/webhook": WEBHOOK_MAX_BODY_BYTES}
+    )
+    app.add_middleware(SecurityHeadersMiddleware, hsts=settings.is_production, docs_paths=DOCS_PATHS)
+    app.add_middleware(RequestLogMiddleware)
     install_error_handlers(app)
     app.include_router(public.router)
     app.include_router(profile.router)

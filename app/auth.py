@@ -246,7 +246,10 @@ async def optional_principal(
     verifier = _verifier(request)
     if verifier.is_service_role_key(token):
         return ServiceCaller()
-    return await verifier.verify(token)
+    principal = await verifier.verify(token)
+    if isinstance(principal, User):
+        request.state.user_id = principal.id  # for the request log
+    return principal
 
 
 async def require_principal(principal: Annotated[Principal | None, Depends(optional_principal)]) -> Principal:

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     db_host: str | None = None
     db_port: int = Field(5432, ge=1, le=65535)
     db_name: str | None = None
+    # "queue": a real pool (the default). "null": a new connection per request, the original design,
+    # kept only as the benchmark's baseline; it is several times slower.
+    db_pool_mode: Literal["queue", "null"] = "queue"
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(10, ge=0)
     db_pool_timeout: float = Field(10.0, gt=0)
@@ -102,6 +105,14 @@ class Settings(BaseSettings):
 
     signup_credits: int = Field(1000, ge=0)
 
+    # Operations
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Larger request bodies get 413 before they are read whole (Stripe's webhook has its own, larger limit).
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # /docs, /redoc and /openapi.json; turn off to hide the API description in production.
+    docs_enabled: bool = True
+
     # Stripe. Without a secret key, checkout and the portal answer 503; without a webhook secret, /webhook does.
     stripe_secret_key: SecretStr | None = None
     stripe_publishable_key: str | None = None
@@ -115,6 +126,11 @@ class Settings(BaseSettings):
     subscription_plans: Annotated[dict[str, CatalogueItem], NoDecode] = Field(default_factory=dict)
     # Embedded PostgreSQL data and the generated development secret live here (git-ignored).
     data_dir: Path = PROJECT_ROOT / ".picads"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -7,11 +7,12 @@ and read what another connection wrote, exactly as production does.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,44 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from app.application import create_app
 from app.config import Settings, split_sslmode
 from app.database import start_embedded_postgres
+from app.logs import JsonFormatter
 
 TEST_JWT_SECRET = "test-jwt-secret-" + "x" * 32
 TEST_SERVICE_ROLE_KEY = "sb_secret_test_service_role_key_0123456789"
+TEST_STRIPE_SECRET_KEY = "sk_test_picads_fake_key"
+TEST_STRIPE_WEBHOOK_SECRET = "whsec_test_picads_webhook_secret"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 TokenFactory = Callable[..., str]
+
+
+class _Everything(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(JsonFormatter().format(record))
+
+
+# What must never reach a log: the suite's secrets, Stripe keys, and any JWT (they all start "eyJ").
+NEVER_LOGGED = (TEST_JWT_SECRET, TEST_SERVICE_ROLE_KEY, TEST_STRIPE_SECRET_KEY, TEST_STRIPE_WEBHOOK_SECRET, "eyJ")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_secret_in_any_log() -> Iterator[None]:
+    """Every log record of the whole run (requests, errors, Stripe, auth) is kept and searched at the end."""
+    handler = _Everything()
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(previous_level)
+    leaks = [line for line in handler.lines if any(secret in line for secret in NEVER_LOGGED)]
+    assert not leaks, f"secrets in the logs: {leaks[:3]}"
 
 
 @pytest.fixture(scope="session")

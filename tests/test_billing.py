@@ -31,10 +31,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from app.application import create_app
 from app.config import load_settings
 from app.services.credits import find_ledger_mismatches
-from tests.conftest import TokenFactory, bearer, make_settings
+from tests.conftest import (
+    TEST_STRIPE_SECRET_KEY,
+    TEST_STRIPE_WEBHOOK_SECRET,
+    TokenFactory,
+    bearer,
+    make_settings,
+)
 
-SECRET_KEY = "sk_test_picads_fake_key"
-WEBHOOK_SECRET = "whsec_test_picads_webhook_secret"
+SECRET_KEY = TEST_STRIPE_SECRET_KEY
+WEBHOOK_SECRET = TEST_STRIPE_WEBHOOK_SECRET
 FRONTEND = "https://app.example.com"
 PACK = "price_pack_starter"
 PLAN = "price_plan_pro"

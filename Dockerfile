@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+# Picads backend: the locked production dependencies in a virtualenv, on a slim image, as a non-root user.
+#   docker build -t picads-backend .
+#   docker run -p 8000:8000 --env-file .env picads-backend
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# --- build: resolve nothing, install exactly poetry.lock (hash-checked) without the dev group -------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/poetry \
+ && /opt/poetry/bin/pip install --quiet "poetry>=2.1,<3" "poetry-plugin-export>=1.9"
+WORKDIR /src
+# poetry reads the README named in pyproject.toml even to export.
+COPY pyproject.toml poetry.lock README.md ./
+RUN /opt/poetry/bin/poetry check --lock \
+ && /opt/poetry/bin/poetry export --without dev --format requirements.txt --output requirements.txt \
+ && python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --quiet --no-deps --require-hashes -r requirements.txt
+
+# --- runtime: the virtualenv and the code, nothing else ----------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    ENVIRONMENT=production \
+    PORT=8000
+# A home of its own: gunicorn keeps its control socket in ~/.gunicorn.
+RUN groupadd --system --gid 10001 picads \
+ && useradd --system --uid 10001 --gid picads --create-home --home-dir /home/picads --shell /usr/sbin/nologin picads
+WORKDIR /app
+COPY --from=build /opt/venv /opt/venv
+# Owned by root and read-only to the service user: the running app cannot change its own code.
+COPY main.py create_tables.py ./
+COPY app ./app
+USER picads
+EXPOSE 8000
+# The slim image has no curl; Python is there. /health answers 503 while the database is unreachable.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/health', timeout=3)"]
+# Migrate (never drops) and apply RLS, then become gunicorn (PID 1, so it gets SIGTERM and stops gracefully).
+# Workers: gunicorn reads WEB_CONCURRENCY itself.
+CMD ["sh", "-c", "python create_tables.py --enable-rls --wait 30 && exec gunicorn main:app --worker-class uvicorn_worker.UvicornWorker --bind 0.0.0.0:${PORT:-8000}"]

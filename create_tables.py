@@ -1,0 +1,332 @@
+"""Deploy bootstrap: wait for the database, apply the migrations, then row level security and realtime.
+
+Safe to run on every deploy and restart: it migrates (never drops), every step is idempotent, and two
+copies started at once take turns on a PostgreSQL advisory lock.
+
+    python create_tables.py --enable-rls --wait 30     # what the Docker image runs before gunicorn
+    python create_tables.py --check                    # connection test only
+
+Each step prints one line. On failure the last line names the cause and a fix, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app import bootstrap
+from app.config import Settings, load_settings
+from app.database import create_engine, migrate
+
+DEFAULT_ENV_FILE = ".env"
+STEP_WIDTH = 15
+
+
+class StepFailed(Exception):
+    """A step failed for a reason the message explains; no traceback is shown."""
+
+    def __init__(self, message: str, step: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.step = step
+
+
+def print_step(step: str, status: str, detail: str = "", stream: TextIO | None = None) -> None:
+    line = f"{step:<{STEP_WIDTH}}{status:<8}{detail}".rstrip()
+    print(line, file=stream or sys.stdout, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="create_tables.py",
+        description="Bring the database up to date: migrations (never drops), then optional RLS and realtime.",
+    )
+    parser.add_argument(
+        "--env", metavar="PATH", help=f"settings file to read (default: {DEFAULT_ENV_FILE}, if present)"
+    )
+    parser.add_argument("--no-env-file", action="store_true", help="read the process environment only")
+    parser.add_argument("--enable-rls", action="store_true", help="row level security, grants and policies")
+    parser.add_argument(
+        "--enable-realtime", action="store_true", help="add profiles to the supabase_realtime publication"
+    )
+    parser.add_argument(
+        "--signup-trigger", action="store_true", help="create each new Supabase user's profile at signup"
+    )
+    parser.add_argument("--check", action="store_true", help="test the connection only, then exit")
+    parser.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="keep retrying the connection this long (for a database that starts alongside the app)",
+    )
+    args = parser.parse_args(argv)
+    if args.wait < 0:
+        parser.error("--wait must be zero or more seconds")
+    if args.env and args.no_env_file:
+        parser.error("--env and --no-env-file exclude each other")
+    return args
+
+
+def read_settings(args: argparse.Namespace) -> tuple[Settings, str]:
+    """The app's own Settings, and where they came from."""
+    env_file: Path | None = None
+    if not args.no_env_file:
+        env_file = Path(args.env or DEFAULT_ENV_FILE)
+        if not env_file.is_file():
+            if args.env:  # asked for by name: a typo must not silently select another database
+                raise StepFailed(f"settings file {env_file} not found: fix the --env path, or leave --env out")
+            env_file = None
+    try:
+        settings = load_settings(_env_file=env_file)
+    except SystemExit as exc:  # the message names the setting at fault
+        raise StepFailed(str(exc.code)) from None
+    if not settings.database_configured:
+        raise StepFailed(
+            "no database configured: set DATABASE_URL (or DB_HOST, DB_PORT, DB_USER, DB_PASSWORD, DB_NAME) "
+            "in the environment or in .env; this deploy step never starts the embedded development database "
+            "(python main.py migrates that one by itself)"
+        )
+    source = f"{env_file} and the environment" if env_file else "the environment"
+    return settings, source
+
+
+def where(url: URL) -> str:
+    host = url.host or url.query.get("host") or "localhost"
+    return f"{host}:{url.port or 5432}"
+
+
+def describe_settings(settings: Settings, url: URL, source: str) -> str:
+    pooler = ", pooler mode" if settings.pooler_mode_for(url) else ""
+    host = url.host or url.query.get("host") or "localhost"
+    return (
+        f"user {url.username or '(default)'}, host {host}, port {url.port or 5432}, "
+        f"database {url.database or '(default)'}{pooler} (from {source})"
+    )
+
+
+@dataclass(frozen=True)
+class Problem:
+    sentence: str
+    # Worth retrying under --wait: the database may simply not be up yet.
+    transient: bool
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
+    return seen
+
+
+def explain_connection_error(exc: BaseException, url: URL, settings: Settings) -> Problem | None:
+    """One sentence with the cause and a fix, for the ways connecting to PostgreSQL usually fails."""
+    target = where(url)
+    host = url.host or url.query.get("host") or "localhost"
+    user, database = url.username or "", url.database or ""
+    for error in _chain(exc):
+        state = getattr(error, "sqlstate", None)
+        message = str(error)
+        if isinstance(error, socket.gaierror):
+            return Problem(
+                f'host "{host}" not found: check DB_HOST or the host in DATABASE_URL '
+                "(Supabase: Connect > connection string in the dashboard)",
+                transient=True,
+            )
+        if isinstance(error, ConnectionRefusedError):
+            return Problem(
+                f"connection refused by {target}: no database listens there; check the port "
+                "(5432 for PostgreSQL, 6543 for Supabase's transaction pooler) and that the database is running",
+                transient=True,
+            )
+        if isinstance(error, TimeoutError):
+            return Problem(
+                f"timed out after {settings.db_connect_timeout:g}s connecting to {target}: check the host "
+                "and port and that no firewall blocks them (DB_CONNECT_TIMEOUT sets the limit)",
+                transient=True,
+            )
+        if state == "28P01":
+            return Problem(
+                f'password rejected for user "{user}": check DB_PASSWORD or the password in DATABASE_URL '
+                "(special characters there must be percent-encoded, @ as %40)",
+                transient=False,
+            )
+        if "rejected SSL upgrade" in message or "does not support SSL" in message:
+            return Problem(
+                f"the server at {target} does not accept SSL but the settings require it: remove sslmode "
+                "from DATABASE_URL or enable SSL on the server",
+                transient=False,
+            )
+        if (state == "28000" and ("no encryption" in message or "SSL off" in message)) or (
+            "SSL" in message and "required" in message
+        ):
+            return Problem(
+                f"the server at {target} requires SSL: add ?sslmode=require to DATABASE_URL",
+                transient=False,
+            )
+        if state == "3D000":
+            return Problem(
+                f'database "{database}" does not exist on {target}: create it, or fix DB_NAME or the database '
+                "name in DATABASE_URL (Supabase's is postgres)",
+                transient=False,
+            )
+        if state == "28000" and "does not exist" in message:
+            return Problem(
+                f'user "{user}" does not exist on {target}: check DB_USER or the user in DATABASE_URL',
+                transient=False,
+            )
+        if "Tenant or user not found" in message:
+            return Problem(
+                f"Supabase's pooler does not know user \"{user}\": use the pooler's user name, "
+                "postgres.<project-ref>, from Connect in the dashboard",
+                transient=False,
+            )
+        if state == "28000":
+            return Problem(
+                f'the server at {target} refuses user "{user}" for database "{database}" ({message}): '
+                "check its pg_hba.conf or network restrictions",
+                transient=False,
+            )
+        if state in {"57P03", "53300"}:  # starting up / too many connections
+            return Problem(f"the database at {target} is not accepting connections yet: {message}", transient=True)
+        if isinstance(error, OSError):
+            return Problem(
+                f"cannot reach {target}: {error.strerror or message}; check the host, port and network",
+                transient=True,
+            )
+    return None
+
+
+async def connect(engine: AsyncEngine, url: URL, settings: Settings, wait: float) -> str:
+    """The server version, once the database answers (retrying transient failures for `wait` seconds)."""
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        try:
+            async with engine.connect() as connection:
+                version = await connection.scalar(text("SHOW server_version"))
+                return f"PostgreSQL {str(version).split()[0]} at {where(url)}"
+        except Exception as exc:
+            problem = explain_connection_error(exc, url, settings)
+            if problem is None:
+                raise
+            remaining = deadline - time.monotonic()
+            if not problem.transient or remaining <= 0:
+                raise StepFailed(problem.sentence) from None
+            if not announced:
+                print_step("connection", "waiting", f"{problem.sentence.split(': ', 1)[0]}; retrying for {wait:g}s")
+                announced = True
+            await asyncio.sleep(min(1.0, remaining))
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    async with engine.connect() as connection:
+        if not await connection.scalar(text("SELECT to_regclass('public.alembic_version') IS NOT NULL")):
+            return None
+        versions = list(await connection.scalars(text("SELECT version_num FROM alembic_version ORDER BY 1")))
+        return ", ".join(versions) or None
+
+
+async def run_migrations(engine: AsyncEngine) -> str:
+    before = await current_revision(engine)
+    await migrate(engine)
+    after = await current_revision(engine)
+    if before == after:
+        return f"up to date at revision {after}"
+    return f"at revision {after} (was {before or 'an empty database'})"
+
+
+async def in_locked_transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[str]]) -> str:
+    async with engine.begin() as connection:
+        await bootstrap.lock(connection)
+        return await work(connection)
+
+
+async def rls_step(connection: AsyncConnection) -> str:
+    compat = await bootstrap.ensure_supabase_roles_and_auth(connection)
+    tables = await bootstrap.apply_row_level_security(connection)
+    return f"{'; '.join(tables)}. {compat}"
+
+
+async def run(args: argparse.Namespace) -> None:
+    try:
+        settings, source = read_settings(args)
+    except StepFailed as exc:
+        raise StepFailed(exc.message, "settings") from None
+    step = "settings"
+    # The deploy step may run long migrations: no statement timeout, and one connection is plenty.
+    settings = settings.model_copy(update={"db_statement_timeout_ms": 0, "db_pool_size": 1, "db_max_overflow": 0})
+    url = settings.database_url_object
+    print_step(step, "ok", describe_settings(settings, url, source))
+    try:
+        engine = create_engine(settings, url)
+    except ValueError as exc:  # e.g. an unknown sslmode
+        raise StepFailed(f"Configuration error: {exc}", step) from None
+    try:
+        step = "connection"
+        print_step(step, "ok", await connect(engine, url, settings, args.wait))
+        if args.check:
+            return
+        step = "migrations"
+        print_step(step, "ok", await run_migrations(engine))
+        optional: list[tuple[str, bool, str, Callable[[AsyncConnection], Awaitable[str]]]] = [
+            ("rls", args.enable_rls, "--enable-rls", rls_step),
+            ("realtime", args.enable_realtime, "--enable-realtime", bootstrap.enable_realtime),
+            (
+                "signup trigger",
+                args.signup_trigger,
+                "--signup-trigger",
+                lambda connection: bootstrap.install_signup_trigger(connection, settings.signup_credits),
+            ),
+        ]
+        for step, enabled, flag, work in optional:
+            if not enabled:
+                print_step(step, "skipped", f"(add {flag})")
+                continue
+            try:
+                print_step(step, "ok", await in_locked_transaction(engine, work))
+            except bootstrap.StepSkipped as skipped:
+                print_step(step, "skipped", str(skipped))
+    except StepFailed as exc:
+        raise StepFailed(exc.message, step) from None
+    except bootstrap.BootstrapError as exc:
+        raise StepFailed(str(exc), step) from None
+    except Exception as exc:
+        problem = explain_connection_error(exc, url, settings)
+        if problem is not None:
+            raise StepFailed(problem.sentence, step) from None
+        if isinstance(exc, DBAPIError):  # PostgreSQL refused a statement: its own message says why
+            detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+            raise StepFailed(f"PostgreSQL refused it: {detail}", step) from None
+        raise
+    finally:
+        await engine.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        asyncio.run(run(args))
+    except StepFailed as exc:
+        print_step(exc.step or "failed", "FAILED", exc.message, stream=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,14 +14,16 @@ import os
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID
 
 import httpx
-from fastapi import Depends, Request, Security
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from jose import jwt
 from jose.exceptions import ExpiredSignatureError, JWTError
 
@@ -217,8 +219,7 @@ def _keys_by_kid(jwks: Any) -> dict[str, dict[str, Any]]:
     return {key["kid"]: key for key in keys if isinstance(key, dict) and isinstance(key.get("kid"), str)}
 
 
-# Declares the scheme for /docs (the Authorize button); the header itself is read below.
-bearer_scheme = HTTPBearer(auto_error=False, description="A Supabase access token (JWT)")
+SECURITY_SCHEME = "SupabaseBearer"
 
 
 def _verifier(request: Request) -> TokenVerifier:
@@ -236,9 +237,7 @@ def _bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-async def optional_principal(
-    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
-) -> Principal | None:
+async def _caller(request: Request) -> Principal | None:
     """The caller when a token is sent; anonymous without one. A token that fails is 401, never anonymous."""
     token = _bearer_token(request)
     if token is None:
@@ -252,19 +251,28 @@ async def optional_principal(
     return principal
 
 
-async def require_principal(principal: Annotated[Principal | None, Depends(optional_principal)]) -> Principal:
+# Each dependency below is one flat function of the request: FastAPI's per-request cost grows with every
+# node of the dependency tree, and these run on every authenticated request. /docs learns of them from
+# `document_bearer_auth` instead of a security sub-dependency.
+
+
+async def optional_principal(request: Request) -> Principal | None:
+    return await _caller(request)
+
+
+async def require_user(request: Request) -> User:
+    principal = await _caller(request)
     if principal is None:
         raise Unauthorized("missing bearer token")
-    return principal
-
-
-async def require_user(principal: Annotated[Principal, Depends(require_principal)]) -> User:
     if not isinstance(principal, User):
         raise Forbidden("this endpoint needs a user's token; the service role has no profile")
     return principal
 
 
-async def require_service_role(principal: Annotated[Principal, Depends(require_principal)]) -> ServiceCaller:
+async def require_service_role(request: Request) -> ServiceCaller:
+    principal = await _caller(request)
+    if principal is None:
+        raise Unauthorized("missing bearer token")
     if not isinstance(principal, ServiceCaller):
         raise Forbidden("this endpoint needs the service role")
     return principal
@@ -273,3 +281,37 @@ async def require_service_role(principal: Annotated[Principal, Depends(require_p
 OptionalPrincipal = Annotated[Principal | None, Depends(optional_principal)]
 CurrentUser = Annotated[User, Depends(require_user)]
 ServiceRole = Annotated[ServiceCaller, Depends(require_service_role)]
+
+
+def document_bearer_auth(app: FastAPI, routers: Sequence[APIRouter]) -> None:
+    """Put the bearer scheme in the OpenAPI document (the Authorize button of /docs) and mark each operation
+    that takes a token: required for users and the service role, optional for `OptionalPrincipal`."""
+    dependency_security: dict[Callable[..., Any], list[dict[str, list[str]]]] = {
+        require_user: [{SECURITY_SCHEME: []}],
+        require_service_role: [{SECURITY_SCHEME: []}],
+        optional_principal: [{}, {SECURITY_SCHEME: []}],
+    }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                SECURITY_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "A Supabase access token (or, for admin routes, the service-role key)",
+                }
+            }
+            routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
+            for route in routes:
+                calls = [dependency.call for dependency in route.dependant.dependencies]
+                security = next((dependency_security[call] for call in calls if call in dependency_security), None)
+                if security is None or not route.methods:
+                    continue
+                for method in route.methods:
+                    schema["paths"][route.path_format][method.lower()]["security"] = security
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -81,8 +81,8 @@ class Settings(BaseSettings):
     # "queue": a real pool (the default). "null": a new connection per request, the original design,
     # kept only as the benchmark's baseline; it is several times slower.
     db_pool_mode: Literal["queue", "null"] = "queue"
-    db_pool_size: int = Field(10, ge=1)
-    db_max_overflow: int = Field(10, ge=0)
+    db_pool_size: int = Field(20, ge=1)
+    db_max_overflow: int = Field(0, ge=0)
     db_pool_timeout: float = Field(10.0, gt=0)
     db_connect_timeout: float = Field(5.0, gt=0)
     db_statement_timeout_ms: int = Field(15_000, ge=0)

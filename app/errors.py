@@ -94,7 +94,7 @@ _CONNECTION_FAILURES = (
 )
 
 
-def _is_connection_failure(exc: BaseException) -> bool:
+def is_connection_failure(exc: BaseException) -> bool:
     """True when the database could not be reached (as opposed to a bug in a query)."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
@@ -114,7 +114,7 @@ async def _app_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    if not _is_connection_failure(exc):
+    if not is_connection_failure(exc):
         raise exc
     logger.warning("database unreachable during %s %s: %s", request.method, request.url.path, type(exc).__name__)
     return JSONResponse({"detail": DATABASE_UNAVAILABLE}, status_code=503, headers={"Retry-After": "5"})
@@ -122,5 +122,6 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
-    for error in (DBAPIError, PoolTimeoutError, OSError, TimeoutError):
+    # The hot paths talk to asyncpg directly, so its own errors arrive unwrapped.
+    for error in (DBAPIError, PoolTimeoutError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         app.add_exception_handler(error, _database_error)

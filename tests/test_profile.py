@@ -204,7 +204,10 @@ async def test_cors_preflight(client: httpx.AsyncClient, origin: str, allowed: b
 
 async def test_docs_describe_the_api(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/openapi.json")).json()
-    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert schema["components"]["securitySchemes"]["SupabaseBearer"]["scheme"] == "bearer"
+    assert schema["paths"]["/profile"]["get"]["security"] == [{"SupabaseBearer": []}]
+    assert schema["paths"]["/public-data"]["get"]["security"] == [{}, {"SupabaseBearer": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             assert operation.get("summary"), f"{method} {path} has no summary"

@@ -6,8 +6,7 @@ from uuid import UUID
 from fastapi import APIRouter, Header, Query
 
 from app.auth import CurrentUser, ServiceRole
-from app.database import SessionDep
-from app.models import CreditEntry
+from app.database import ConnectionDep, SessionDep
 from app.routes.responses import errors
 from app.schemas import AdjustmentRequest, BalanceChangeOut, CreditEntryOut, SpendRequest, TransactionsOut
 from app.services import credits
@@ -26,7 +25,7 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _change(entry: CreditEntry) -> BalanceChangeOut:
+def _change(entry: credits.Entry) -> BalanceChangeOut:
     return BalanceChangeOut(balance=entry.balance_after, entry=CreditEntryOut.model_validate(entry))
 
 
@@ -37,20 +36,20 @@ def _change(entry: CreditEntry) -> BalanceChangeOut:
     responses=errors(401, 402, 403, 404, 409, 422, 503),
 )
 async def spend(
-    user: CurrentUser, session: SessionDep, body: SpendRequest, idempotency_key: IdempotencyKey = None
+    user: CurrentUser, connection: ConnectionDep, body: SpendRequest, idempotency_key: IdempotencyKey = None
 ) -> BalanceChangeOut:
-    entry = await credits.spend(session, user.id, body.amount, body.reason, idempotency_key)
+    entry = await credits.spend(connection, user.id, body.amount, body.reason, idempotency_key)
     return _change(entry)
 
 
 @router.get("/credits/transactions", summary="Your ledger, newest first", responses=errors(401, 403, 422, 503))
 async def transactions(
     user: CurrentUser,
-    session: SessionDep,
+    connection: ConnectionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     before: Annotated[int | None, Query(ge=1, description="`next_cursor` of the previous page")] = None,
 ) -> TransactionsOut:
-    entries = await credits.list_entries(session, user.id, limit + 1, before)
+    entries = await credits.list_entries(connection, user.id, limit + 1, before)
     page = entries[:limit]
     next_cursor = page[-1].id if len(entries) > limit else None
     return TransactionsOut(entries=[CreditEntryOut.model_validate(e) for e in page], next_cursor=next_cursor)

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Request, Response, status
 
 from app.auth import CurrentUser
-from app.database import SessionDep
+from app.database import ConnectionDep, SessionDep
 from app.errors import NotFound
 from app.routes.responses import errors
 from app.schemas import CreditEntryOut, DashboardOut, DashboardUser, ProfileCreate, ProfileOut, ProfileUpdate
@@ -13,11 +13,11 @@ router = APIRouter(tags=["profile"])
 
 
 @router.get("/profile", summary="Your profile (404 until you create it)", responses=errors(401, 403, 404, 503))
-async def get_profile(user: CurrentUser, session: SessionDep) -> ProfileOut:
-    profile = await profiles.get_profile(session, user.id)
+async def get_profile(user: CurrentUser, connection: ConnectionDep) -> ProfileOut:
+    profile = await profiles.get_profile(connection, user.id)
     if profile is None:
         raise NotFound(profiles.PROFILE_NOT_FOUND)
-    return ProfileOut.model_validate(profile)
+    return ProfileOut.model_validate(dict(profile))
 
 
 @router.post(
@@ -52,12 +52,12 @@ async def update_profile(user: CurrentUser, session: SessionDep, body: ProfileUp
 @router.get(
     "/dashboard", summary="Who you are, with your profile, balance and latest entries", responses=errors(401, 403, 503)
 )
-async def dashboard(user: CurrentUser, session: SessionDep) -> DashboardOut:
-    profile = await profiles.get_profile(session, user.id)
-    recent = await credits.list_entries(session, user.id, limit=5, before=None) if profile else []
+async def dashboard(user: CurrentUser, connection: ConnectionDep) -> DashboardOut:
+    profile = await profiles.get_profile(connection, user.id)
+    recent = await credits.list_entries(connection, user.id, limit=5, before=None) if profile else []
     return DashboardOut(
         user=DashboardUser(id=user.id, email=user.email, role=user.role),
-        profile=ProfileOut.model_validate(profile) if profile else None,
-        balance=profile.credits if profile else None,
+        profile=ProfileOut.model_validate(dict(profile)) if profile else None,
+        balance=profile["credits"] if profile else None,
         recent_entries=[CreditEntryOut.model_validate(entry) for entry in recent],
     )

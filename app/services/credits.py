@@ -5,10 +5,11 @@ always equals the sum of its entries."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
-from sqlalchemy import Integer, Text, func, literal, select, update
-from sqlalchemy.dialects.postgresql import insert
+import asyncpg
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, NotFound, PaymentRequired
@@ -23,53 +24,37 @@ class LedgerMismatch:
     ledger_sum: int
 
 
-async def _move(
-    session: AsyncSession, user_id: UUID, amount: int, kind: CreditKind, reference: str | None, note: str | None
-) -> CreditEntry | None:
-    """Add `amount` (negative to take) to the balance and record it, in one statement.
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A ledger row as the API shows it."""
 
-    None when the profile does not exist or the balance would go below zero; nothing is written then.
-    The row lock taken by the UPDATE serialises concurrent moves on one balance.
-    """
-    moved = (
-        update(Profile)
-        .where(Profile.id == user_id, Profile.credits + amount >= 0)
-        .values(credits=Profile.credits + amount)
-        .returning(Profile.id, Profile.credits)
-        .cte("moved")
-    )
-    entry = (
-        insert(CreditEntry)
-        .from_select(
-            ["profile_id", "amount", "balance_after", "kind", "reference", "note"],
-            select(
-                moved.c.id,
-                literal(amount, Integer),
-                moved.c.credits,
-                literal(kind.value, Text),
-                literal(reference, Text),
-                literal(note, Text),
-            ),
-        )
-        .returning(CreditEntry)
-    )
-    result: CreditEntry | None = await session.scalar(entry)
-    return result
+    id: int
+    amount: int
+    balance_after: int
+    kind: str
+    reference: str | None
+    note: str | None
+    created_at: datetime
 
 
-async def _balance(session: AsyncSession, user_id: UUID) -> int:
-    balance = await session.scalar(select(Profile.credits).where(Profile.id == user_id))
-    if balance is None:
-        raise NotFound(PROFILE_NOT_FOUND)
-    return balance
-
-
-async def _lock_profile(session: AsyncSession, user_id: UUID) -> None:
-    """Serialise changes to one balance, so an "already done?" check and the change cannot interleave
-    with a concurrent request doing the same."""
-    found = await session.scalar(select(Profile.id).where(Profile.id == user_id).with_for_update())
-    if found is None:
-        raise NotFound(PROFILE_NOT_FOUND)
+# Add $2 (negative to take) to the balance and record it, in one statement: nothing when the profile does
+# not exist or the balance would go below zero. The UPDATE's row lock serialises moves on one balance.
+MOVE_SQL = """
+WITH moved AS (
+    UPDATE profiles SET credits = credits + $2::integer
+    WHERE id = $1 AND credits + $2::integer >= 0
+    RETURNING id, credits
+)
+INSERT INTO credit_entries (profile_id, amount, balance_after, kind, reference, note)
+SELECT id, $2::integer, credits, $3::text, $4::text, $5::text FROM moved
+RETURNING id, amount, balance_after, kind, reference, note, created_at
+"""
+_LOCK_SQL = "SELECT credits FROM profiles WHERE id = $1 FOR UPDATE"
+_BALANCE_SQL = "SELECT credits FROM profiles WHERE id = $1"
+_KEYED_SPEND_SQL = """
+SELECT id, amount, balance_after, kind, reference, note, created_at FROM credit_entries
+WHERE profile_id = $1 AND kind = 'spend' AND reference = $2
+"""
 
 
 def _not_enough(balance: int, requested: int) -> PaymentRequired:
@@ -80,40 +65,62 @@ def _not_enough(balance: int, requested: int) -> PaymentRequired:
 
 
 async def spend(
-    session: AsyncSession, user_id: UUID, amount: int, reason: str | None, idempotency_key: str | None
-) -> CreditEntry:
-    """Take `amount` credits. With an idempotency key, a retry of the same request returns the first
-    entry and charges nothing; the same key with a different request is a conflict."""
+    connection: asyncpg.Connection, user_id: UUID, amount: int, reason: str | None, idempotency_key: str | None
+) -> Entry:
+    """Take `amount` credits (on the request's driver connection: this is the hot path).
+
+    With an idempotency key, a retry of the same request returns the first entry and charges nothing;
+    the same key with a different request is a conflict.
+    """
     if idempotency_key is not None:
-        await _lock_profile(session, user_id)
-        earlier = await session.scalar(
-            select(CreditEntry).where(
-                CreditEntry.profile_id == user_id,
-                CreditEntry.kind == CreditKind.SPEND.value,
-                CreditEntry.reference == idempotency_key,
-            )
-        )
+        # Serialise this user's keyed spends, so "already done?" and "do it" cannot interleave.
+        if await connection.fetchval(_LOCK_SQL, user_id) is None:
+            raise NotFound(PROFILE_NOT_FOUND)
+        earlier = await connection.fetchrow(_KEYED_SPEND_SQL, user_id, idempotency_key)
         if earlier is not None:
-            if earlier.amount != -amount or earlier.note != reason:
+            if earlier["amount"] != -amount or earlier["note"] != reason:
                 raise Conflict("this Idempotency-Key was already used with a different request")
-            return earlier
-    entry = await _move(session, user_id, -amount, CreditKind.SPEND, idempotency_key, reason)
-    if entry is None:
-        raise _not_enough(await _balance(session, user_id), amount)
-    return entry
+            return Entry(**earlier)
+    moved = await connection.fetchrow(MOVE_SQL, user_id, -amount, CreditKind.SPEND.value, idempotency_key, reason)
+    if moved is not None:
+        return Entry(**moved)
+    balance = await connection.fetchval(_BALANCE_SQL, user_id)
+    if balance is None:
+        raise NotFound(PROFILE_NOT_FOUND)
+    raise _not_enough(balance, amount)
 
 
-async def adjust(session: AsyncSession, user_id: UUID, amount: int, reason: str) -> CreditEntry:
+async def _move(
+    session: AsyncSession, user_id: UUID, amount: int, kind: CreditKind, reference: str | None, note: str | None
+) -> Entry | None:
+    """MOVE_SQL inside the session's transaction."""
+    connection = await session.connection()
+    result = await connection.exec_driver_sql(MOVE_SQL, (user_id, amount, kind.value, reference, note))
+    row = result.one_or_none()
+    return Entry(**row._asdict()) if row is not None else None
+
+
+async def _lock_profile(session: AsyncSession, user_id: UUID) -> int:
+    """Serialise changes to one balance, so an "already done?" check and the change cannot interleave
+    with a concurrent request doing the same; the balance, or 404."""
+    balance = await session.scalar(select(Profile.credits).where(Profile.id == user_id).with_for_update())
+    if balance is None:
+        raise NotFound(PROFILE_NOT_FOUND)
+    return balance
+
+
+async def adjust(session: AsyncSession, user_id: UUID, amount: int, reason: str) -> Entry:
     """A service-role correction, signed, never taking the balance below zero."""
+    balance = await _lock_profile(session, user_id)
     entry = await _move(session, user_id, amount, CreditKind.ADJUSTMENT, None, reason)
     if entry is None:
-        raise _not_enough(await _balance(session, user_id), -amount)
+        raise _not_enough(balance, -amount)
     return entry
 
 
 async def grant(
     session: AsyncSession, user_id: UUID, amount: int, kind: CreditKind, reference: str, note: str | None = None
-) -> CreditEntry | None:
+) -> Entry | None:
     """Credits paid for through Stripe, at most once per (kind, Stripe object id).
 
     None when that object was already granted. The profile must exist.
@@ -130,13 +137,17 @@ async def grant(
     return entry
 
 
-async def list_entries(session: AsyncSession, user_id: UUID, limit: int, before: int | None) -> list[CreditEntry]:
+_ENTRIES_SQL = """
+SELECT id, amount, balance_after, kind, reference, note, created_at FROM credit_entries
+WHERE profile_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3
+"""
+_NEWEST = 2**63 - 1  # above every entry id: the first page
+
+
+async def list_entries(connection: asyncpg.Connection, user_id: UUID, limit: int, before: int | None) -> list[Entry]:
     """The user's entries, newest first, starting below the `before` cursor (an entry id)."""
-    query = select(CreditEntry).where(CreditEntry.profile_id == user_id)
-    if before is not None:
-        query = query.where(CreditEntry.id < before)
-    rows = await session.scalars(query.order_by(CreditEntry.id.desc()).limit(limit))
-    return list(rows)
+    rows = await connection.fetch(_ENTRIES_SQL, user_id, before or _NEWEST, limit)
+    return [Entry(**row) for row in rows]
 
 
 async def find_ledger_mismatches(session: AsyncSession) -> list[LedgerMismatch]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,9 +15,13 @@ from app.models import CreditEntry, CreditKind, Profile
 PROFILE_NOT_FOUND = "profile not found: create it with POST /profile"
 
 
-async def get_profile(session: AsyncSession, user_id: UUID) -> Profile | None:
-    profile: Profile | None = await session.get(Profile, user_id)
-    return profile
+# Column names come from the model, never from input.
+_PROFILE_SQL = f"SELECT {', '.join(c.name for c in Profile.__table__.columns)} FROM profiles WHERE id = $1"  # noqa: S608
+
+
+async def get_profile(connection: asyncpg.Connection, user_id: UUID) -> asyncpg.Record | None:
+    """The profile as a plain row (read on every page of the front end)."""
+    return await connection.fetchrow(_PROFILE_SQL, user_id)
 
 
 async def get_or_create_profile(

@@ -328,7 +328,7 @@ def gunicorn(variant: Variant, workers: int, database_url: URL, secret: str, wor
             "DATABASE_URL": database_url.render_as_string(hide_password=False),
             "SUPABASE_JWT_SECRET": secret,
             "DATA_DIR": str(rundir / "data"),
-            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), str(PERF_DIR)]),
+            "PYTHONPATH": str(PROJECT_ROOT),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -549,15 +549,12 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     pooled = Variant("pooled", "pooled (the app as configured)", "main:app", {})
     if args.skip_baseline:
         return [pooled]
-    if args.baseline_via == "setting":
-        baseline = Variant(
-            "baseline",
-            f"baseline: a connection per request ({POOL_MODE_SETTING}={POOL_MODE_NULL})",
-            "main:app",
-            {POOL_MODE_SETTING: POOL_MODE_NULL},
-        )
-    else:
-        baseline = Variant("baseline", "baseline: a connection per request (NullPool wrapper)", "nullpool_main:app", {})
+    baseline = Variant(
+        "baseline",
+        f"baseline: a connection per request ({POOL_MODE_SETTING}={POOL_MODE_NULL})",
+        "main:app",
+        {POOL_MODE_SETTING: POOL_MODE_NULL},
+    )
     return [baseline, pooled]
 
 
@@ -580,13 +577,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run only this scenario (repeatable; default: profile and spend)",
     )
     parser.add_argument("--skip-baseline", action="store_true", help="run only the app as configured")
-    parser.add_argument(
-        "--baseline-via",
-        choices=("setting", "wrapper"),
-        default="setting",
-        help=f"how the baseline gets a connection per request: the app's {POOL_MODE_SETTING}={POOL_MODE_NULL} "
-        "setting (default), or tests/perf/nullpool_main.py, which patches the engine factory",
-    )
     parser.add_argument(
         "--client", choices=("auto", "wrk", "python"), default="auto", help="load generator (auto: wrk if installed)"
     )
@@ -695,10 +685,8 @@ def check_baseline(args: argparse.Namespace, warm: Measurement, before: int | No
         return
     if after - before < warm.requests // 2:
         how = (
-            f"the app ignores {POOL_MODE_SETTING}={POOL_MODE_NULL}: it should make app/database.py create_engine "
-            "build the engine with poolclass=NullPool. Until it does, run with --baseline-via wrapper"
-            if args.baseline_via == "setting"
-            else "tests/perf/nullpool_main.py no longer reaches the engine factory (app/database.py changed)"
+            f"the app ignores {POOL_MODE_SETTING}={POOL_MODE_NULL}: app/database.py create_engine should then "
+            "build the engine with poolclass=NullPool"
         )
         raise BenchError(
             f"the baseline server opened {after - before} database connections for {warm.requests} requests, "

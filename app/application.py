@@ -9,13 +9,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from app.auth import TokenVerifier, document_bearer_auth
 from app.config import Settings, describe, load_settings
 from app.database import create_engine, create_sessionmaker, migrate, resolve_database_url
 from app.errors import install_error_handlers
-from app.middleware import BodySizeLimitMiddleware, RequestLogMiddleware, SecurityHeadersMiddleware
+from app.middleware import ApiMiddleware
 from app.routes import billing, credits, profile, public
 from app.services.billing import connect_stripe
 
@@ -77,20 +76,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
-    # Added innermost first: the request log wraps everything, so it sees every status, 413s included.
     app.add_middleware(
-        CORSMiddleware,
-        allow_origins=settings.allowed_origins,
-        allow_credentials=True,
-        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
-        expose_headers=["X-Request-ID", "Retry-After"],
+        ApiMiddleware,
+        allowed_origins=settings.allowed_origins,
+        max_body_bytes=settings.max_body_bytes,
+        body_limits={"/webhook": WEBHOOK_MAX_BODY_BYTES},
+        hsts=settings.is_production,
+        docs_paths=DOCS_PATHS,
     )
-    app.add_middleware(
-        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={"/webhook": WEBHOOK_MAX_BODY_BYTES}
-    )
-    app.add_middleware(SecurityHeadersMiddleware, hsts=settings.is_production, docs_paths=DOCS_PATHS)
-    app.add_middleware(RequestLogMiddleware)
     install_error_handlers(app)
     routers = (
         public.router,

@@ -84,7 +84,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hsts=settings.is_production,
         docs_paths=DOCS_PATHS,
     )
-    install_error_handlers(app)
     routers = (
         public.router,
         profile.router,
@@ -95,5 +94,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for router in routers:
         app.include_router(router)
+    install_error_handlers(app, routers)
     document_bearer_auth(app, routers)
     return app

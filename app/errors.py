@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 import asyncpg
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.routing import Match
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +123,26 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": DATABASE_UNAVAILABLE}, status_code=503, headers={"Retry-After": "5"})
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def _method_not_allowed(routes: Sequence[APIRoute]) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def handler(request: Request, _: Exception) -> JSONResponse:
+        # The router reports only the first route matching the path; a path can have several (GET, POST,
+        # PUT /profile), and `Allow` must list them all.
+        methods = {
+            method
+            for route in routes
+            if route.methods and route.matches(request.scope)[0] != Match.NONE
+            for method in route.methods
+        }
+        return JSONResponse(
+            {"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(sorted(methods))}
+        )
+
+    return handler
+
+
+def install_error_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None:
+    routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
+    app.add_exception_handler(405, _method_not_allowed(routes))
     app.add_exception_handler(AppError, _app_error)
     # The hot paths talk to asyncpg directly, so its own errors arrive unwrapped.
     for error in (DBAPIError, PoolTimeoutError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.errors import Forbidden
 
@@ -45,14 +45,25 @@ def _clean_text(value: str, max_length: int) -> str:
     return value
 
 
+# The rules of `_clean_text` in the API description (not enforced by it: the validator's messages are clearer).
+_TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+
 FullName = Annotated[
     str,
-    Field(description="Display name: trimmed, 1 to 200 characters", examples=["Ada Lovelace"]),
+    Field(
+        description="Display name: trimmed, 1 to 200 characters, no control characters",
+        examples=["Ada Lovelace"],
+        json_schema_extra={"pattern": _TEXT_PATTERN, "maxLength": FULL_NAME_MAX},
+    ),
     AfterValidator(lambda value: _clean_text(value, FULL_NAME_MAX)),
 ]
 Reason = Annotated[
     str,
-    Field(description="Why: trimmed, 1 to 200 characters", examples=["ad image generation"]),
+    Field(
+        description="Why: trimmed, 1 to 200 characters, no control characters",
+        examples=["ad image generation"],
+        json_schema_extra={"pattern": _TEXT_PATTERN, "maxLength": REASON_MAX},
+    ),
     AfterValidator(lambda value: _clean_text(value, REASON_MAX)),
 ]
 
@@ -124,6 +135,17 @@ def _refuse_protected_fields(data: Any) -> Any:
     return data
 
 
+def _number_not_text(value: Any) -> Any:
+    # JSON numbers only: "30" and true are mistakes, not amounts. (30.0 is the number 30, as JSON Schema
+    # says; 2.5 is refused by the integer type itself.)
+    if isinstance(value, str | bool):
+        raise ValueError("Input should be a valid integer (a JSON number, not a string or boolean)")
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_number_not_text)]
+
+
 class CreditEntryOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -139,15 +161,15 @@ class CreditEntryOut(BaseModel):
 class SpendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount: int = Field(strict=True, ge=1, le=SPEND_MAX, description="Credits to spend, a whole number")
+    amount: WholeNumber = Field(ge=1, le=SPEND_MAX, description="Credits to spend, a whole number")
     reason: Reason | None = None
 
 
 class AdjustmentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount: int = Field(
-        strict=True, ge=-SPEND_MAX, le=SPEND_MAX, description="Signed: positive adds credits, negative takes them"
+    amount: WholeNumber = Field(
+        ge=-SPEND_MAX, le=SPEND_MAX, description="Signed: positive adds credits, negative takes them"
     )
     reason: Reason
 

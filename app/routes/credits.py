@@ -33,7 +33,7 @@ def _change(entry: credits.Entry) -> BalanceChangeOut:
     "/credits/spend",
     summary="Spend credits",
     description="Atomic: the balance never goes below zero. 402 (with `balance` and `requested`) when too low.",
-    responses=errors(401, 402, 403, 404, 409, 422, 503),
+    responses=errors(400, 401, 402, 403, 404, 409, 413, 422, 503),
 )
 async def spend(
     user: CurrentUser, connection: ConnectionDep, body: SpendRequest, idempotency_key: IdempotencyKey = None
@@ -59,7 +59,7 @@ async def transactions(
     "/admin/profiles/{user_id}/credits",
     summary="Adjust a user's credits (service role)",
     description="Adds (or, negative, takes) credits with a reason recorded in the ledger; never below zero (402).",
-    responses=errors(401, 402, 403, 404, 422, 503),
+    responses=errors(400, 401, 402, 403, 404, 413, 422, 503),
 )
 async def adjust(_: ServiceRole, session: SessionDep, user_id: UUID, body: AdjustmentRequest) -> BalanceChangeOut:
     entry = await credits.adjust(session, user_id, body.amount, body.reason)

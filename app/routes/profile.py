@@ -25,7 +25,10 @@ async def get_profile(user: CurrentUser, connection: ConnectionDep) -> ProfileOu
     summary="Create your profile, or get it if it exists",
     description="201 with the signup credits when created; 200 with the existing profile otherwise.",
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"model": ProfileOut, "description": "The profile already existed"}, **errors(401, 403, 422, 503)},
+    responses={
+        200: {"model": ProfileOut, "description": "The profile already existed"},
+        **errors(400, 401, 403, 413, 422, 503),
+    },
 )
 async def create_profile(
     user: CurrentUser, session: SessionDep, request: Request, response: Response, body: ProfileCreate | None = None
@@ -42,7 +45,7 @@ async def create_profile(
     "/profile",
     summary="Update your display name",
     description="Only `full_name` can be changed here; credits and billing fields are refused with 403.",
-    responses=errors(401, 403, 404, 422, 503),
+    responses=errors(400, 401, 403, 404, 413, 422, 503),
 )
 async def update_profile(user: CurrentUser, session: SessionDep, body: ProfileUpdate) -> ProfileOut:
     profile = await profiles.update_full_name(session, user.id, body.full_name)

@@ -15,8 +15,9 @@ DESCRIPTIONS = {
     403: "Not allowed for this caller",
     404: "Not found",
     409: "Conflicts with an earlier request",
+    413: "The request body is too large",
     422: "The request body or parameters are invalid",
-    400: "The request could not be used as sent",
+    400: "The body is not valid JSON (or not UTF-8), or a webhook signature is wrong",
     502: "An upstream service failed",
     503: "The database (or a required service) is unavailable",
 }

@@ -185,6 +185,14 @@ class BalanceChangeOut(BaseModel):
     entry: CreditEntryOut
 
 
+class PageQuery(BaseModel):
+    # A misspelt parameter (`?limt=5`) is a 422 that names it, not a silently ignored wish.
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(20, ge=1, le=100, description="Entries per page")
+    before: int | None = Field(None, ge=1, description="`next_cursor` of the previous page")
+
+
 class TransactionsOut(BaseModel):
     entries: list[CreditEntryOut]
     next_cursor: int | None = Field(description="Pass as `before` for the next (older) page; null on the last")

@@ -178,7 +178,7 @@ async def test_pagination_walks_every_entry_once(client: httpx.AsyncClient, memb
     assert [e["kind"] for e in oldest["entries"]] == ["signup_grant"]
 
 
-@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 101}, {"before": 0}, {"before": "abc"}])
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 101}, {"before": 0}, {"before": "abc"}, {"limt": 5}])
 async def test_bad_pagination_is_422(client: httpx.AsyncClient, member: dict[str, str], params: dict[str, Any]) -> None:
     assert (await client.get("/credits/transactions", headers=member, params=params)).status_code == 422
 

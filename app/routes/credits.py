@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Query
 from app.auth import CurrentUser, ServiceRole
 from app.database import ConnectionDep, SessionDep
 from app.routes.responses import errors
-from app.schemas import AdjustmentRequest, BalanceChangeOut, CreditEntryOut, SpendRequest, TransactionsOut
+from app.schemas import AdjustmentRequest, BalanceChangeOut, CreditEntryOut, PageQuery, SpendRequest, TransactionsOut
 from app.services import credits
 
 router = APIRouter(tags=["credits"])
@@ -46,10 +46,10 @@ async def spend(
 async def transactions(
     user: CurrentUser,
     connection: ConnectionDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    before: Annotated[int | None, Query(ge=1, description="`next_cursor` of the previous page")] = None,
+    page_query: Annotated[PageQuery, Query()],
 ) -> TransactionsOut:
-    entries = await credits.list_entries(connection, user.id, limit + 1, before)
+    limit = page_query.limit
+    entries = await credits.list_entries(connection, user.id, limit + 1, page_query.before)
     page = entries[:limit]
     next_cursor = page[-1].id if len(entries) > limit else None
     return TransactionsOut(entries=[CreditEntryOut.model_validate(e) for e in page], next_cursor=next_cursor)

@@ -13,7 +13,7 @@ from uuid import uuid4
 import asyncpg
 from alembic import command
 from alembic.config import Config
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DisconnectionError
@@ -22,7 +22,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 from sqlalchemy.util import greenlet_spawn
 
 from app.config import Settings, split_sslmode
-from app.errors import is_connection_failure
+from app.errors import DATABASE_UNAVAILABLE, AppError, ServiceUnavailable, is_connection_failure
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ def _ping_idle_connections(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "checkout")
     def _checked_out(dbapi_connection: Any, record: ConnectionPoolEntry, _: Any) -> None:
+        if record.driver_connection is not None and record.driver_connection.is_closed():
+            # The server ended it (a restart, an idle timeout): known without asking.
+            raise DisconnectionError("pooled connection was closed by the server")
         idle_since = record.info.get("idle_since")
         if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
             return
@@ -170,7 +173,12 @@ async def get_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
     the query itself. The contract is the session's: one transaction per request, committed before the
     response is sent and rolled back on any error; GET and HEAD run without one."""
     engine: AsyncEngine = request.app.state.engine
-    pooled = await engine.raw_connection()
+    try:
+        pooled = await engine.raw_connection()
+    except Exception as exc:  # the driver's own error type, not wrapped by SQLAlchemy on this path
+        if is_connection_failure(exc):
+            raise ServiceUnavailable(DATABASE_UNAVAILABLE) from exc
+        raise
     connection: asyncpg.Connection = pooled.driver_connection
     try:
         if request.method in {"GET", "HEAD"}:  # reads: no BEGIN/COMMIT, two round trips fewer
@@ -178,9 +186,16 @@ async def get_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
         else:
             async with connection.transaction():
                 yield connection
+    except (AppError, HTTPException):
+        raise
     except Exception as exc:
-        if is_connection_failure(exc):
-            pooled.invalidate(exc)  # never hand a broken connection to the next request
+        # After anything unexpected the connection's protocol state is unknown: close it rather than hand
+        # it to the next request. A server that went away (even between two statements, which asyncpg
+        # reports as a protocol error on the next one) is a 503, not a 500.
+        lost = connection.is_closed() or is_connection_failure(exc)
+        await greenlet_spawn(pooled.invalidate, exc)
+        if lost:
+            raise ServiceUnavailable(DATABASE_UNAVAILABLE) from exc
         raise
     finally:
         await greenlet_spawn(pooled.close)

@@ -107,6 +107,8 @@ def is_connection_failure(exc: BaseException) -> bool:
             return False
         if isinstance(seen, _CONNECTION_FAILURES):
             return True
+        if isinstance(seen, asyncpg.InterfaceError) and "connection is closed" in str(seen):
+            return True
         seen = seen.__cause__ or seen.__context__
     return False
 

@@ -4,7 +4,7 @@ Safe to run on every deploy and restart: it migrates (never drops), every step i
 copies started at once take turns on a PostgreSQL advisory lock.
 
     python create_tables.py --enable-rls --wait 30     # what the Docker image runs before gunicorn
-    python create_tables.py --check                    # connection test only
+    python create_tables.py --check                    # connection and ledger check only
 
 Each step prints one line. On failure the last line names the cause and a fix, and the exit status is 1.
 """
@@ -24,11 +24,12 @@ from typing import TextIO
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app import bootstrap
 from app.config import Settings, load_settings
 from app.database import create_engine, migrate
+from app.services.credits import find_ledger_mismatches
 
 DEFAULT_ENV_FILE = ".env"
 STEP_WIDTH = 15
@@ -64,7 +65,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--signup-trigger", action="store_true", help="create each new Supabase user's profile at signup"
     )
-    parser.add_argument("--check", action="store_true", help="test the connection only, then exit")
+    parser.add_argument(
+        "--check", action="store_true", help="test the connection and the ledger invariant only, then exit"
+    )
     parser.add_argument(
         "--wait",
         metavar="SECONDS",
@@ -242,6 +245,23 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return ", ".join(versions) or None
 
 
+async def check_ledger(engine: AsyncEngine) -> str:
+    """Every balance must equal the sum of its ledger entries; a mismatch fails --check (for monitoring)."""
+    async with AsyncSession(engine) as session:
+        if not await session.scalar(text("SELECT to_regclass('public.credit_entries') IS NOT NULL")):
+            return "no ledger yet (run without --check to migrate)"
+        profiles = await session.scalar(text("SELECT count(*) FROM profiles"))
+        mismatches = await find_ledger_mismatches(session)
+    if mismatches:
+        first = mismatches[0]
+        raise StepFailed(
+            f"{len(mismatches)} balance(s) differ from their ledger, e.g. profile {first.profile_id}: "
+            f"balance {first.balance}, entries sum to {first.ledger_sum}; correct it with an adjustment "
+            "(POST /admin/profiles/{user_id}/credits) once the cause is known"
+        )
+    return f"every balance equals the sum of its ledger entries ({profiles} profiles)"
+
+
 async def run_migrations(engine: AsyncEngine) -> str:
     before = await current_revision(engine)
     await migrate(engine)
@@ -281,6 +301,8 @@ async def run(args: argparse.Namespace) -> None:
         step = "connection"
         print_step(step, "ok", await connect(engine, url, settings, args.wait))
         if args.check:
+            step = "ledger"
+            print_step(step, "ok", await check_ledger(engine))
             return
         step = "migrations"
         print_step(step, "ok", await run_migrations(engine))

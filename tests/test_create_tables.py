@@ -354,6 +354,38 @@ async def test_signup_trigger_creates_the_profile_and_the_api_flow_still_works(
 # --- Failures: one clear sentence, non-zero exit, no traceback ------------------------------------------
 
 
+async def test_check_reports_the_ledger_invariant(new_database: Callable[[], Awaitable[URL]], tmp_path: Path) -> None:
+    url = await new_database()
+    env = script_env(url, tmp_path)
+    assert "ledger         ok      no ledger yet" in (await run_script(env, tmp_path, "--check")).stdout
+    assert (await run_script(env, tmp_path)).returncode == 0
+    engine = engine_for(url)
+    try:
+        async with engine.begin() as connection:
+            user = uuid.uuid4()
+            await connection.execute(text("INSERT INTO profiles (id, credits) VALUES (:id, 40)"), {"id": user})
+            await connection.execute(
+                text(
+                    "INSERT INTO credit_entries (profile_id, amount, balance_after, kind) "
+                    "VALUES (:id, 40, 40, 'signup_grant')"
+                ),
+                {"id": user},
+            )
+        healthy = await run_script(env, tmp_path, "--check")
+        assert healthy.returncode == 0, healthy.output
+        assert (
+            "ledger         ok      every balance equals the sum of its ledger entries (1 profiles)" in healthy.stdout
+        )
+        async with engine.begin() as connection:  # a balance changed behind the ledger's back
+            await connection.execute(text("UPDATE profiles SET credits = 45 WHERE id = :id"), {"id": user})
+        broken = await run_script(env, tmp_path, "--check")
+    finally:
+        await engine.dispose()
+    assert_one_clear_sentence(
+        broken, f"ledger         FAILED  1 balance(s) differ from their ledger, e.g. profile {user}: balance 45"
+    )
+
+
 @pytest.fixture(scope="module")
 async def password_server(tmp_path_factory: pytest.TempPathFactory) -> URL:
     """A small server of its own that checks passwords (the suite's embedded server trusts local users)."""

@@ -256,8 +256,8 @@ async def check_ledger(engine: AsyncEngine) -> str:
         first = mismatches[0]
         raise StepFailed(
             f"{len(mismatches)} balance(s) differ from their ledger, e.g. profile {first.profile_id}: "
-            f"balance {first.balance}, entries sum to {first.ledger_sum}; correct it with an adjustment "
-            "(POST /admin/profiles/{user_id}/credits) once the cause is known"
+            f"balance {first.balance}, entries sum to {first.ledger_sum}: something wrote credits outside the "
+            "API (an adjustment moves both, so it cannot close this gap); find that writer first"
         )
     return f"every balance equals the sum of its ledger entries ({profiles} profiles)"
 

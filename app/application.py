@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.auth import TokenVerifier, document_bearer_auth
+from app.auth import TokenVerifier, document_bearer_auth, uses_development_secret
 from app.config import Settings, describe, load_settings
 from app.database import create_engine, create_sessionmaker, migrate, resolve_database_url
 from app.errors import install_error_handlers
@@ -35,30 +35,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     url = await asyncio.to_thread(resolve_database_url, settings)
     engine = create_engine(settings, url)
-    if not settings.is_production:
-        # Development applies migrations itself; production runs create_tables.py before starting.
-        await migrate(engine)
     verifier = TokenVerifier(settings)
-    app.state.engine = engine
-    app.state.sessionmaker = create_sessionmaker(engine)
-    app.state.verifier = verifier
     # None without STRIPE_SECRET_KEY: checkout and the portal then answer 503.
-    app.state.stripe = connect_stripe(settings)
-    if settings.stripe_secret_key and not settings.stripe_webhook_secret:
-        logger.warning("STRIPE_WEBHOOK_SECRET is not set: /webhook refuses events, so payments grant no credits")
-    embedded = "" if settings.database_configured else f" (embedded, data in {settings.data_dir / 'pgdata'})"
-    logger.info("database: %s%s", describe(url), embedded)
-    if verifier.uses_development_secret:
-        logger.info("tokens: development secret; get one with `poetry run dev-token` (or `python -m app.devtoken`)")
-    # Start-up objects (modules, models, routes) live as long as the process: keep the garbage collector
-    # from walking them again on every collection, which shows up as latency spikes under load.
-    gc.collect()
-    gc.freeze()
+    stripe_connection = connect_stripe(settings)
     try:
+        if not settings.is_production:
+            # Development applies migrations itself; production runs create_tables.py before starting.
+            await migrate(engine)
+        app.state.engine = engine
+        app.state.sessionmaker = create_sessionmaker(engine)
+        app.state.verifier = verifier
+        app.state.stripe = stripe_connection
+        if settings.stripe_secret_key and not settings.stripe_webhook_secret:
+            logger.warning("STRIPE_WEBHOOK_SECRET is not set: /webhook refuses events, so payments grant no credits")
+        embedded = "" if settings.database_configured else f" (embedded, data in {settings.data_dir / 'pgdata'})"
+        logger.info("database: %s%s", describe(url), embedded)
+        if uses_development_secret(settings):
+            logger.info("tokens: development secret; get one with `poetry run dev-token` (or `python -m app.devtoken`)")
+        # Start-up objects (modules, models, routes) live as long as the process: keep the garbage collector
+        # from walking them again on every collection, which shows up as latency spikes under load.
+        gc.collect()
+        gc.freeze()
         yield
     finally:
-        if app.state.stripe is not None:
-            await app.state.stripe.aclose()
+        if stripe_connection is not None:
+            await stripe_connection.aclose()
         await verifier.aclose()
         await engine.dispose()
 

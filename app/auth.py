@@ -1,4 +1,4 @@
-"""Supabase access-token verification and the `CurrentUser`, `OptionalUser` and `ServiceRole` dependencies.
+"""Supabase access-token verification and the `CurrentUser`, `OptionalPrincipal` and `ServiceRole` dependencies.
 
 Tokens are verified locally: HS256 with the project's JWT secret (legacy projects), ES256/RS256 with the
 project's JWKS. The algorithm must be one the configured key was made for; `alg: none` never is.
@@ -38,7 +38,7 @@ MAX_TOKEN_LENGTH = 16_384
 JWKS_REFRESH_INTERVAL = 60.0
 # Which JWK key type each asymmetric algorithm needs: a key is only ever used for its own kind.
 ASYMMETRIC_KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
-# Verified tokens are remembered (bounded in count, and each until its own `exp`) so a page that
+# Verified tokens are remembered (bounded in count, each until its own `exp` and 5 minutes at most) so a page that
 # makes several calls pays for one signature check.
 VERIFIED_CACHE_SIZE = 10_000
 VERIFIED_CACHE_SECONDS = 300.0
@@ -78,11 +78,15 @@ def development_jwt_secret(data_dir: Path) -> str:
     return secret
 
 
+def uses_development_secret(settings: Settings) -> bool:
+    return not settings.is_production and not settings.token_verifier_configured
+
+
 def hs256_secret(settings: Settings) -> str | None:
     """The configured JWT secret; outside production with no verifier configured, the development one."""
     if settings.supabase_jwt_secret:
         return settings.supabase_jwt_secret.get_secret_value()
-    if settings.is_production or settings.token_verifier_configured:
+    if not uses_development_secret(settings):
         return None
     return development_jwt_secret(settings.data_dir)
 
@@ -107,10 +111,6 @@ class TokenVerifier:
         self.algorithms = {"HS256"} if self._hs_secret else set()
         if self._jwks_url or self._static_keys:
             self.algorithms |= set(ASYMMETRIC_KEY_TYPES)
-
-    @property
-    def uses_development_secret(self) -> bool:
-        return self._hs_secret is not None and self._service_key is None and self._issuer is None
 
     async def aclose(self) -> None:
         await self._http.aclose()

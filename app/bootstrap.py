@@ -61,7 +61,6 @@ TABLE_ACCESS: dict[str, TableAccess] = {
     "profiles": TableAccess(owner_column="id", read_own=True, update_own_columns=("full_name",)),
     "credit_entries": TableAccess(owner_column="profile_id", read_own=True),
     "stripe_events": NO_ACCESS,
-    "idempotency_keys": NO_ACCESS,
     "alembic_version": NO_ACCESS,
 }
 

@@ -26,7 +26,7 @@ class CatalogueItem(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, max_length=100)
-    credits: int = Field(gt=0)
+    credits: int = Field(gt=0, le=1_000_000)
 
 
 def _parse_catalogue(value: Any) -> Any:
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     frontend_url: str | None = None
     cors_origins: Annotated[list[str] | None, NoDecode] = None
 
-    signup_credits: int = Field(1000, ge=0)
+    signup_credits: int = Field(1000, ge=0, le=1_000_000)
 
     # Operations
     log_format: Literal["text", "json"] = "text"

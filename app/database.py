@@ -14,6 +14,7 @@ import asyncpg
 from alembic import command
 from alembic.config import Config
 from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DisconnectionError
@@ -93,8 +94,8 @@ IDLE_PING_SECONDS = 2.0
 
 def _ping_idle_connections(engine: AsyncEngine) -> None:
     """`pool_pre_ping`, but only for connections that sat idle: under load every request would otherwise
-    pay one extra round trip, while a connection in constant use is known to be alive. (A connection that
-    dies while in use is caught anyway: the error invalidates the whole pool.)"""
+    pay one extra round trip, while a connection in constant use is known to be alive. A connection the
+    server closed (a restart) is known without a ping: asyncpg marks it closed."""
 
     @event.listens_for(engine.sync_engine, "checkin")
     def _checked_in(_: Any, record: ConnectionPoolEntry) -> None:
@@ -154,6 +155,9 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
 
     async with engine.begin() as connection:
         await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        # A migration waiting for a table lock would queue every request of the running app behind it:
+        # give up instead (the deploy fails and can be retried), never stall the service.
+        await connection.execute(text("SET LOCAL lock_timeout = '10s'"))
         await connection.run_sync(upgrade)
 
 
@@ -186,15 +190,14 @@ async def get_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
         else:
             async with connection.transaction():
                 yield connection
-    except (AppError, HTTPException):
-        raise
     except Exception as exc:
-        # After anything unexpected the connection's protocol state is unknown: close it rather than hand
-        # it to the next request. A server that went away (even between two statements, which asyncpg
-        # reports as a protocol error on the next one) is a 503, not a 500.
         lost = connection.is_closed() or is_connection_failure(exc)
-        await greenlet_spawn(pooled.invalidate, exc)
-        if lost:
+        # An answer we chose (402, 404, 422...) or an error PostgreSQL reported leaves the connection usable
+        # (the transaction was rolled back). After anything else its protocol state is unknown: close it
+        # rather than hand it to the next request.
+        if lost or not isinstance(exc, AppError | HTTPException | RequestValidationError | asyncpg.PostgresError):
+            await greenlet_spawn(pooled.invalidate, exc)
+        if lost:  # even between two statements, which asyncpg reports as a protocol error on the next one
             raise ServiceUnavailable(DATABASE_UNAVAILABLE) from exc
         raise
     finally:

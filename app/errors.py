@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import DBAPIError
@@ -142,9 +143,25 @@ def _method_not_allowed(routes: Sequence[APIRoute]) -> Callable[[Request, Except
     return handler
 
 
+async def _invalid_request(_: Request, exc: Exception) -> JSONResponse:
+    """422 with where and why for each problem. The offending input is not echoed back: it can be anything,
+    including text no JSON encoder accepts (an unpaired surrogate) or a secret pasted in the wrong field."""
+    assert isinstance(exc, RequestValidationError)
+    problems = [{"loc": error["loc"], "msg": error["msg"], "type": error["type"]} for error in exc.errors()]
+    return JSONResponse({"detail": problems}, status_code=422)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Still a JSON answer (the traceback goes to the log, through the server, never to the caller).
+    logger.error("unhandled %s during %s %s", type(exc).__name__, request.method, request.url.path)
+    return JSONResponse({"detail": "internal error: the request was not completed; try again"}, status_code=500)
+
+
 def install_error_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None:
     routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     app.add_exception_handler(405, _method_not_allowed(routes))
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(AppError, _app_error)
     # The hot paths talk to asyncpg directly, so its own errors arrive unwrapped.
     for error in (DBAPIError, PoolTimeoutError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):

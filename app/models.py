@@ -46,7 +46,9 @@ class Profile(Base):
     # Equal to Supabase's auth.users.id.
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     full_name: Mapped[str | None] = mapped_column(Text)
-    credits: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1000"))
+    # No default worth having: a balance starts with its ledger's signup grant (rows made outside the API
+    # start empty rather than with credits the ledger never recorded).
+    credits: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     stripe_customer_id: Mapped[str | None] = mapped_column(Text, unique=True)
     subscription_id: Mapped[str | None] = mapped_column(Text)
     subscription_status: Mapped[str | None] = mapped_column(Text)

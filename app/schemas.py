@@ -40,8 +40,9 @@ def _clean_text(value: str, max_length: int) -> str:
         raise ValueError("must not be empty")
     if len(value) > max_length:
         raise ValueError(f"must be at most {max_length} characters")
-    if any(unicodedata.category(char) == "Cc" for char in value):
-        raise ValueError("must not contain control characters")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in value):
+        # Cs: a lone surrogate (a broken UTF-16 escape in the JSON), which no database can store.
+        raise ValueError("must not contain control characters or unpaired surrogates")
     return value
 
 
@@ -190,7 +191,7 @@ class PageQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(20, ge=1, le=100, description="Entries per page")
-    before: int | None = Field(None, ge=1, description="`next_cursor` of the previous page")
+    before: int | None = Field(None, ge=1, le=2**63 - 1, description="`next_cursor` of the previous page")
 
 
 class TransactionsOut(BaseModel):

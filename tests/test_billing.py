@@ -44,14 +44,14 @@ WEBHOOK_SECRET = TEST_STRIPE_WEBHOOK_SECRET
 FRONTEND = "https://app.example.com"
 PACK = "price_pack_starter"
 PLAN = "price_plan_pro"
-HUGE_PACK = "price_pack_overflow"  # more credits than a balance can hold: makes our own processing fail
+HUGE_PACK = "price_pack_big"  # the most credits one price may grant
 # stripe-python hands httpx its form body as `data=`, which httpx deprecates; not ours to change.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 CATALOGUE = {
     "credit_packs": {
         PACK: {"name": "Starter pack", "credits": 500},
-        HUGE_PACK: {"name": "Too many", "credits": 2_147_483_647},
+        HUGE_PACK: {"name": "Agency pack", "credits": 1_000_000},
     },
     "subscription_plans": {PLAN: {"name": "Pro monthly", "credits": 2000}},
 }
@@ -876,9 +876,21 @@ async def test_our_own_failure_is_5xx_and_records_nothing(
     billing: httpx.AsyncClient, engine: AsyncEngine, auth: dict[str, str], user_id: uuid.UUID
 ) -> None:
     """A grant the database refuses (the balance would overflow) fails the request, so Stripe retries it."""
+    nearly_full = 2_147_000_000
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("INSERT INTO profiles (id, credits) VALUES (:id, :credits)"), {"id": user_id, "credits": nearly_full}
+        )
+        await connection.execute(
+            text(
+                "INSERT INTO credit_entries (profile_id, amount, balance_after, kind) "
+                "VALUES (:id, :credits, :credits, 'adjustment')"
+            ),
+            {"id": user_id, "credits": nearly_full},
+        )
     payload = event("checkout.session.completed", checkout_session(user_id, price=HUGE_PACK), int(time.time()))
     response = await deliver(billing, payload)
     assert response.status_code == 500
     assert await stripe_events(engine) == []  # not recorded: the retry will be processed
-    assert (await billing.get("/profile", headers=auth)).status_code == 404  # nothing half-written
+    assert (await billing.get("/profile", headers=auth)).json()["credits"] == nearly_full  # nothing half-written
     await assert_ledger_consistent(engine)

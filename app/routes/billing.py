@@ -65,7 +65,7 @@ async def plans(settings: SettingsDep) -> PlansOut:
         "the payment. 422 for a price that is not in GET /billing/plans, 502 when Stripe fails, 503 when payments "
         "are not configured."
     ),
-    responses=errors(400, 401, 403, 413, 422, 502, 503),
+    responses=errors(400, 401, 403, 409, 413, 422, 502, 503),
 )
 async def checkout(
     user: CurrentUser, session: SessionDep, settings: SettingsDep, client: StripeDep, body: CheckoutRequest

@@ -26,7 +26,7 @@ from sqlalchemy.orm import aliased
 
 from app.auth import User
 from app.config import CatalogueItem, Settings
-from app.errors import BadGateway, BadRequest, NotFound, Unprocessable
+from app.errors import BadGateway, BadRequest, Conflict, NotFound, Unprocessable
 from app.models import CreditKind, Profile, StripeEvent
 from app.services import credits, profiles
 
@@ -138,9 +138,20 @@ async def create_checkout(
 ) -> tuple[str, str]:
     """A Checkout Session for a catalogue price: (url, session id). Credits are granted by the webhook."""
     offer = find_offer(settings, price_id)
+    if offer.mode == "subscription":
+        status = await session.scalar(select(Profile.subscription_status).where(Profile.id == user.id))
+        if status is not None and status not in ENDED_STATUSES:
+            raise Conflict(f"you already have a subscription ({status}): change or cancel it with POST /billing/portal")
     customer = await _customer_id(session, client, settings, user)
     base = settings.billing_return_base
-    metadata = {"user_id": str(user.id), "price_id": offer.price_id}
+    # What was sold travels with the purchase: if the price later leaves the catalogue, the payments still due
+    # for it (a subscription's renewals) are granted what the customer bought.
+    metadata = {
+        "user_id": str(user.id),
+        "price_id": offer.price_id,
+        "credits": str(offer.item.credits),
+        "name": offer.item.name,
+    }
     params: stripe.params.checkout.SessionCreateParams = {
         "mode": offer.mode,
         "customer": customer,
@@ -326,8 +337,10 @@ async def _checkout_completed(session: AsyncSession, settings: Settings, event: 
 
 
 async def _grant_pack(session: AsyncSession, settings: Settings, user_id: UUID, checkout: dict[str, Any]) -> str:
-    price_id = _dict(checkout.get("metadata")).get("price_id")
+    metadata = _dict(checkout.get("metadata"))
+    price_id = metadata.get("price_id")
     pack = settings.credit_packs.get(price_id) if isinstance(price_id, str) else None
+    pack = pack or _sold(metadata, price_id)
     if pack is None:
         logger.error(
             "Stripe checkout session %s was paid for price %r, which is not in CREDIT_PACKS: no credits granted",
@@ -356,8 +369,22 @@ def _invoice_subscription(invoice: dict[str, Any]) -> tuple[str | None, dict[str
     return _id(invoice.get("subscription")), _dict(legacy.get("metadata"))
 
 
-def _plan_lines(settings: Settings, invoice: dict[str, Any]) -> list[tuple[CatalogueItem, int]]:
-    """The catalogue plans an invoice charges for a period: subscription lines, prorations left out."""
+def _sold(metadata: dict[str, Any], price_id: Any) -> CatalogueItem | None:
+    """What our checkout recorded it sold for `price_id` (a price since taken out of the catalogue)."""
+    credits_sold = metadata.get("credits")
+    if not isinstance(price_id, str) or metadata.get("price_id") != price_id or not isinstance(credits_sold, str):
+        return None
+    try:
+        return CatalogueItem(name=str(metadata.get("name") or price_id), credits=int(credits_sold))
+    except ValueError:  # not a whole number in range: not ours
+        return None
+
+
+def _plan_lines(
+    settings: Settings, invoice: dict[str, Any], metadata: dict[str, Any]
+) -> list[tuple[CatalogueItem, int]]:
+    """The plans an invoice charges for a period (subscription lines, prorations left out): from the
+    catalogue, or, for a price since retired, what the subscription's checkout sold."""
     found = []
     for line in _dict(invoice.get("lines")).get("data") or []:
         line = _dict(line)
@@ -370,7 +397,7 @@ def _plan_lines(settings: Settings, invoice: dict[str, Any]) -> list[tuple[Catal
             is_subscription = line.get("type") == "subscription"
             proration = bool(line.get("proration"))
         price_id = _id(_dict(_dict(line.get("pricing")).get("price_details")).get("price")) or _id(line.get("price"))
-        plan = settings.subscription_plans.get(price_id) if price_id else None
+        plan = (settings.subscription_plans.get(price_id) if price_id else None) or _sold(metadata, price_id)
         if is_subscription and not proration and plan is not None:
             quantity = line.get("quantity")
             found.append((plan, quantity if isinstance(quantity, int) and quantity > 0 else 1))
@@ -382,7 +409,7 @@ async def _invoice_paid(session: AsyncSession, settings: Settings, event: Event)
     subscription_id, metadata = _invoice_subscription(invoice)
     if subscription_id is None:
         return "ignored: not a subscription invoice"
-    plans = _plan_lines(settings, invoice)
+    plans = _plan_lines(settings, invoice, metadata)
     if not plans:
         logger.error(
             "Stripe invoice %s (subscription %s) has no price from SUBSCRIPTION_PLANS: no credits granted",

@@ -36,6 +36,8 @@ AUDIENCE = "authenticated"
 SERVICE_ROLE = "service_role"
 MAX_TOKEN_LENGTH = 16_384
 JWKS_REFRESH_INTERVAL = 60.0
+# Fetched keys are also refreshed after this long, so a key the project revoked stops being trusted.
+JWKS_MAX_AGE = 600.0
 # Which JWK key type each asymmetric algorithm needs: a key is only ever used for its own kind.
 ASYMMETRIC_KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
 # Verified tokens are remembered (bounded in count, each until its own `exp` and 5 minutes at most) so a page that
@@ -187,6 +189,8 @@ class TokenVerifier:
     async def _signing_key(self, kid: Any, algorithm: str) -> dict[str, Any] | None:
         if not isinstance(kid, str):
             return None
+        if self._jwks_url and time.monotonic() - self._last_fetch > JWKS_MAX_AGE:
+            await self._refresh_jwks()
         key = self._static_keys.get(kid) or self._fetched_keys.get(kid)
         if key is None and self._jwks_url:
             await self._refresh_jwks()

@@ -171,6 +171,15 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
+def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+    factory: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    return factory
+
+
+# For the rare request that must not hold one transaction throughout (one that waits on Stripe).
+SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
+
+
 async def get_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
     """The request's driver connection, from the same pool, for the hot paths (reading the profile,
     spending credits): plain SQL without the ORM's per-request bookkeeping, which costs several times

@@ -562,14 +562,27 @@ async def test_stripe_error_is_502_and_leaves_nothing_behind(
     assert response.json()["detail"] == (
         f"could not create the checkout session: Stripe refused the request: No such price: '{PACK}'; try again shortly"
     )
-    # The customer was made at Stripe but the request failed: the profile (and its customer id) were rolled back.
-    assert (await billing.get("/profile", headers=auth)).status_code == 404
+    # The profile and its Stripe customer are kept: nothing was charged or granted, and a retry reuses them.
+    profile = (await billing.get("/profile", headers=auth)).json()
+    assert (profile["credits"], profile["stripe_customer_id"]) == (1000, "cus_test_0")
 
-    # A retry asks for the customer with the same idempotency key, so Stripe answers with the same one.
     fake_stripe.failure = None
     assert (await billing.post("/billing/checkout", headers=auth, json={"price_id": PACK})).status_code == 200
     keys = [r.headers["idempotency-key"] for r in fake_stripe.requests if r.path == "/v1/customers"]
-    assert keys == [f"customer-{user_id}", f"customer-{user_id}"]
+    assert keys == [f"customer-{user_id}"]
+
+
+async def test_a_failed_customer_creation_stores_nothing_and_is_retried_with_the_same_key(
+    billing: httpx.AsyncClient, fake_stripe: FakeStripe, auth: dict[str, str], user_id: uuid.UUID
+) -> None:
+    fake_stripe.failure = (500, {"error": {"type": "api_error", "message": "Something went wrong"}})
+    fake_stripe.fail_path = "/v1/customers"
+    assert (await billing.post("/billing/checkout", headers=auth, json={"price_id": PACK})).status_code == 502
+    assert (await billing.get("/profile", headers=auth)).json()["stripe_customer_id"] is None
+    fake_stripe.failure = None
+    assert (await billing.post("/billing/checkout", headers=auth, json={"price_id": PACK})).status_code == 200
+    keys = {r.headers["idempotency-key"] for r in fake_stripe.requests if r.path == "/v1/customers"}
+    assert keys == {f"customer-{user_id}"}
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Header, Request
 
 from app.auth import CurrentUser
 from app.config import CatalogueItem, Settings
-from app.database import SessionDep
+from app.database import SessionDep, SessionFactoryDep
 from app.errors import ServiceUnavailable
 from app.routes.responses import errors
 from app.schemas import (
@@ -68,9 +68,9 @@ async def plans(settings: SettingsDep) -> PlansOut:
     responses=errors(400, 401, 403, 409, 413, 422, 502, 503),
 )
 async def checkout(
-    user: CurrentUser, session: SessionDep, settings: SettingsDep, client: StripeDep, body: CheckoutRequest
+    user: CurrentUser, sessions: SessionFactoryDep, settings: SettingsDep, client: StripeDep, body: CheckoutRequest
 ) -> CheckoutOut:
-    url, session_id = await billing.create_checkout(session, client, settings, user, body.price_id)
+    url, session_id = await billing.create_checkout(sessions, client, settings, user, body.price_id)
     return CheckoutOut(url=url, session_id=session_id)
 
 
@@ -80,8 +80,8 @@ async def checkout(
     description="Manage the subscription, payment methods and invoices. 404 until you have bought something.",
     responses=errors(401, 403, 404, 502, 503),
 )
-async def portal(user: CurrentUser, session: SessionDep, settings: SettingsDep, client: StripeDep) -> PortalOut:
-    return PortalOut(url=await billing.create_portal(session, client, settings, user.id))
+async def portal(user: CurrentUser, sessions: SessionFactoryDep, settings: SettingsDep, client: StripeDep) -> PortalOut:
+    return PortalOut(url=await billing.create_portal(sessions, client, settings, user.id))
 
 
 @webhook_router.post(

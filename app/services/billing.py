@@ -21,7 +21,7 @@ from uuid import UUID
 import stripe
 from sqlalchemy import exists, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from app.auth import User
@@ -109,11 +109,8 @@ def _upstream_error(action: str, exc: stripe.StripeError) -> BadGateway:
 # --- Checkout and the customer portal -------------------------------------------------------------------------
 
 
-async def _customer_id(session: AsyncSession, client: stripe.StripeClient, settings: Settings, user: User) -> str:
-    """The user's Stripe customer, created (and stored on the profile) on first use."""
-    profile, _ = await profiles.get_or_create_profile(session, user.id, None, settings.signup_credits)
-    if profile.stripe_customer_id:
-        return profile.stripe_customer_id
+async def _create_customer(sessions: async_sessionmaker[AsyncSession], client: stripe.StripeClient, user: User) -> str:
+    """The user's Stripe customer, created at Stripe and stored on the profile (first writer wins)."""
     params: stripe.params.CustomerCreateParams = {"metadata": {"user_id": str(user.id)}}
     if user.email:
         params["email"] = user.email
@@ -122,27 +119,40 @@ async def _customer_id(session: AsyncSession, client: stripe.StripeClient, setti
         customer = await client.v1.customers.create_async(params, {"idempotency_key": f"customer-{user.id}"})
     except stripe.StripeError as exc:
         raise _upstream_error("create the Stripe customer", exc) from None
-    stored = await session.scalar(
-        update(Profile)
-        .where(Profile.id == user.id, Profile.stripe_customer_id.is_(None))
-        .values(stripe_customer_id=customer.id)
-        .returning(Profile.stripe_customer_id)
-    )
-    if stored is None:  # a concurrent request stored it first (the same customer, by the idempotency key)
-        stored = await session.scalar(select(Profile.stripe_customer_id).where(Profile.id == user.id))
+    async with sessions.begin() as session:
+        stored = await session.scalar(
+            update(Profile)
+            .where(Profile.id == user.id, Profile.stripe_customer_id.is_(None))
+            .values(stripe_customer_id=customer.id)
+            .returning(Profile.stripe_customer_id)
+        )
+        if stored is None:  # a concurrent request stored it first (the same customer, by the idempotency key)
+            stored = await session.scalar(select(Profile.stripe_customer_id).where(Profile.id == user.id))
     return stored or customer.id
 
 
 async def create_checkout(
-    session: AsyncSession, client: stripe.StripeClient, settings: Settings, user: User, price_id: str
+    sessions: async_sessionmaker[AsyncSession],
+    client: stripe.StripeClient,
+    settings: Settings,
+    user: User,
+    price_id: str,
 ) -> tuple[str, str]:
-    """A Checkout Session for a catalogue price: (url, session id). Credits are granted by the webhook."""
+    """A Checkout Session for a catalogue price: (url, session id). Credits are granted by the webhook.
+
+    Unlike other requests this one commits in steps, and holds no database connection while Stripe answers:
+    a slow Stripe must not drain the pool for everyone else. The profile (made here if it is missing) and
+    the Stripe customer are kept even when the checkout itself then fails; a retry reuses them.
+    """
     offer = find_offer(settings, price_id)
-    if offer.mode == "subscription":
-        status = await session.scalar(select(Profile.subscription_status).where(Profile.id == user.id))
-        if status is not None and status not in ENDED_STATUSES:
+    async with sessions.begin() as session:
+        profile, _ = await profiles.get_or_create_profile(session, user.id, None, settings.signup_credits)
+        status = profile.subscription_status
+        if offer.mode == "subscription" and status is not None and status not in ENDED_STATUSES:
             raise Conflict(f"you already have a subscription ({status}): change or cancel it with POST /billing/portal")
-    customer = await _customer_id(session, client, settings, user)
+        customer = profile.stripe_customer_id
+    if customer is None:
+        customer = await _create_customer(sessions, client, user)
     base = settings.billing_return_base
     # What was sold travels with the purchase: if the price later leaves the catalogue, the payments still due
     # for it (a subscription's renewals) are granted what the customer bought.
@@ -173,9 +183,13 @@ async def create_checkout(
     return checkout.url, checkout.id
 
 
-async def create_portal(session: AsyncSession, client: stripe.StripeClient, settings: Settings, user_id: UUID) -> str:
-    """A customer portal URL (manage the subscription, cards, invoices); 404 without a Stripe customer."""
-    customer = await session.scalar(select(Profile.stripe_customer_id).where(Profile.id == user_id))
+async def create_portal(
+    sessions: async_sessionmaker[AsyncSession], client: stripe.StripeClient, settings: Settings, user_id: UUID
+) -> str:
+    """A customer portal URL (manage the subscription, cards, invoices); 404 without a Stripe customer.
+    The database is read first and let go of before Stripe is asked."""
+    async with sessions() as session:
+        customer = await session.scalar(select(Profile.stripe_customer_id).where(Profile.id == user_id))
     if not customer:
         raise NotFound(NO_CUSTOMER)
     params: stripe.params.billing_portal.SessionCreateParams = {

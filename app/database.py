@@ -119,17 +119,6 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
-async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """One transaction: commit when the caller finishes, roll back on any exception."""
-    async with factory() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
-
-
 async def database_is_up(engine: AsyncEngine) -> bool:
     try:
         async with engine.connect() as connection:
@@ -162,9 +151,16 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """The request's one transaction (committed before the response is sent)."""
-    async for session in session_scope(request.app.state.sessionmaker):
-        yield session
+    """The request's one transaction: committed when the route returns (before the response is sent),
+    rolled back on any exception. Services only flush."""
+    factory: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
 
 
 # scope="function": commit before the response goes out, so a failed commit is never answered with 2xx.

@@ -105,26 +105,23 @@ class ProfileOut(BaseModel):
     updated_at: datetime
 
 
-class ProfileCreate(BaseModel):
+class _ProfileInput(BaseModel):
+    """What a user may send about their profile: unknown fields are 422, protected ones 403."""
+
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_protected(cls, data: Any) -> Any:
+        return _refuse_protected_fields(data)
+
+
+class ProfileCreate(_ProfileInput):
     full_name: FullName | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_protected(cls, data: Any) -> Any:
-        return _refuse_protected_fields(data)
 
-
-class ProfileUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ProfileUpdate(_ProfileInput):
     full_name: FullName | None = Field(description="The new display name, or null to clear it")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_protected(cls, data: Any) -> Any:
-        return _refuse_protected_fields(data)
 
 
 def _refuse_protected_fields(data: Any) -> Any:

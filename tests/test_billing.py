@@ -8,6 +8,7 @@ the billing period on the subscription items).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -76,6 +78,7 @@ class FakeStripe:
     requests: list[Recorded] = field(default_factory=list)
     failure: tuple[int, dict[str, Any]] | None = None
     fail_path: str | None = None
+    delay: float = 0.0  # seconds before answering: a slow Stripe
     # Like Stripe, a request repeating an idempotency key gets the first answer again.
     answered: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
 
@@ -116,6 +119,7 @@ def start_fake_stripe(fake: FakeStripe) -> ThreadingHTTPServer:
                 "POST", self.path, {k.lower(): v for k, v in self.headers.items()}, dict(parse_qsl(body))
             )
             fake.requests.append(recorded)
+            time.sleep(fake.delay)
             status, payload = fake.answer(recorded)
             data = json.dumps(payload).encode()
             self.send_response(status)
@@ -148,6 +152,7 @@ def fake_stripe(fake_server: FakeStripe) -> FakeStripe:
     fake_server.answered.clear()
     fake_server.failure = None
     fake_server.fail_path = None
+    fake_server.delay = 0.0
     return fake_server
 
 
@@ -570,6 +575,42 @@ async def test_stripe_error_is_502_and_leaves_nothing_behind(
     assert (await billing.post("/billing/checkout", headers=auth, json={"price_id": PACK})).status_code == 200
     keys = [r.headers["idempotency-key"] for r in fake_stripe.requests if r.path == "/v1/customers"]
     assert keys == [f"customer-{user_id}"]
+
+
+async def test_a_slow_stripe_does_not_hold_database_connections(
+    database_url: URL,
+    tmp_path: Path,
+    app: FastAPI,
+    fake_stripe: FakeStripe,
+    token: TokenFactory,
+) -> None:
+    """With one pooled connection, other requests go on while checkouts wait for Stripe."""
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        stripe_secret_key=SECRET_KEY,
+        stripe_api_base=fake_stripe.url,
+        stripe_max_network_retries=0,
+        db_pool_size=1,
+        db_pool_timeout=0.5,
+        **CATALOGUE,
+    )
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            buyers = [bearer(token()) for _ in range(3)]
+            reader = bearer(token())
+            assert (await http.post("/profile", headers=reader)).status_code == 201
+            fake_stripe.delay = 1.0
+            checkouts = [
+                asyncio.create_task(http.post("/billing/checkout", headers=buyer, json={"price_id": PACK}))
+                for buyer in buyers
+            ]
+            await asyncio.sleep(0.3)  # all three are now waiting on Stripe
+            reads = [await http.get("/profile", headers=reader) for _ in range(3)]
+            assert [read.status_code for read in reads] == [200, 200, 200]
+            assert [(await checkout).status_code for checkout in checkouts] == [200, 200, 200]
 
 
 async def test_a_failed_customer_creation_stores_nothing_and_is_retried_with_the_same_key(

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app import bootstrap
-from app.config import Settings, load_settings
+from app.config import Settings, database_host, load_settings
 from app.database import create_engine, migrate
 from app.services.credits import find_ledger_mismatches
 
@@ -107,15 +107,13 @@ def read_settings(args: argparse.Namespace) -> tuple[Settings, str]:
 
 
 def where(url: URL) -> str:
-    host = url.host or url.query.get("host") or "localhost"
-    return f"{host}:{url.port or 5432}"
+    return f"{database_host(url)}:{url.port or 5432}"
 
 
 def describe_settings(settings: Settings, url: URL, source: str) -> str:
     pooler = ", pooler mode" if settings.pooler_mode_for(url) else ""
-    host = url.host or url.query.get("host") or "localhost"
     return (
-        f"user {url.username or '(default)'}, host {host}, port {url.port or 5432}, "
+        f"user {url.username or '(default)'}, host {database_host(url)}, port {url.port or 5432}, "
         f"database {url.database or '(default)'}{pooler} (from {source})"
     )
 
@@ -140,7 +138,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def explain_connection_error(exc: BaseException, url: URL, settings: Settings) -> Problem | None:
     """One sentence with the cause and a fix, for the ways connecting to PostgreSQL usually fails."""
     target = where(url)
-    host = url.host or url.query.get("host") or "localhost"
+    host = database_host(url)
     user, database = url.username or "", url.database or ""
     for error in _chain(exc):
         state = getattr(error, "sqlstate", None)

@@ -305,10 +305,15 @@ def split_sslmode(url: URL) -> tuple[URL, dict[str, Any]]:
     return url.set(query=query), {"ssl": mode}
 
 
+def database_host(url: URL) -> str:
+    """The host a URL names: its host, or the socket folder of a local server (`?host=/dir`)."""
+    return str(url.host or url.query.get("host") or "localhost")
+
+
 def describe(url: URL) -> str:
     """Where a URL points, for logs and messages: never the password."""
-    host = url.host or url.query.get("host") or "localhost"
-    where = f"{host}:{url.port}" if url.port else str(host)
+    host = database_host(url)
+    where = f"{host}:{url.port}" if url.port else host
     return f"{quote(url.username or '')}@{where}/{url.database or ''}"
 
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,22 @@ async def admin_execute(url: URL, statement: str) -> None:
         await engine.dispose()
 
 
+@asynccontextmanager
+async def throwaway_database(server_url: URL, purpose: str) -> AsyncIterator[URL]:
+    """An empty database on the test server, dropped (whoever is still connected) when done."""
+    name = f"picads_{purpose}_{secrets.token_hex(4)}"
+    await admin_execute(server_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield server_url.set(database=name)
+    finally:
+        await admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 async def database_url(server_url: URL) -> AsyncIterator[URL]:
     """A database of the suite's own, created empty and dropped at the end."""
-    name = f"picads_test_{secrets.token_hex(4)}"
-    await admin_execute(server_url, f'CREATE DATABASE "{name}"')
-    yield server_url.set(database=name)
-    await admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with throwaway_database(server_url, "test") as url:
+        yield url
 
 
 def make_settings(database_url: URL, tmp_dir: Path, **overrides: Any) -> Settings:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from app.application import create_app
 from app.config import split_sslmode
 from app.database import start_embedded_postgres
-from tests.conftest import PROJECT_ROOT, TokenFactory, admin_execute, bearer, free_port, make_settings
+from tests.conftest import (
+    PROJECT_ROOT,
+    TokenFactory,
+    admin_execute,
+    bearer,
+    free_port,
+    make_settings,
+    throwaway_database,
+)
 
 SCRIPT = PROJECT_ROOT / "create_tables.py"
 ALL_STEPS = ("--enable-rls", "--enable-realtime")
@@ -78,17 +85,12 @@ def engine_for(url: URL) -> AsyncEngine:
 @pytest.fixture(scope="module")
 async def new_database(server_url: URL) -> AsyncIterator[Callable[[], Awaitable[URL]]]:
     """Make empty databases on the test server; all dropped when the module is done."""
-    names: list[str] = []
+    async with AsyncExitStack() as databases:
 
-    async def create() -> URL:
-        name = f"picads_deploy_{secrets.token_hex(4)}"
-        await admin_execute(server_url, f'CREATE DATABASE "{name}"')
-        names.append(name)
-        return server_url.set(database=name)
+        async def create() -> URL:
+            return await databases.enter_async_context(throwaway_database(server_url, "deploy"))
 
-    yield create
-    for name in names:
-        await admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield create
 
 
 @asynccontextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 
@@ -16,17 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from app.database import migrate
 from app.models import Base
 from app.services.credits import find_ledger_mismatches
-from tests.conftest import admin_execute
+from tests.conftest import throwaway_database
 
 
 @pytest.fixture
 async def empty_engine(server_url: URL) -> AsyncIterator[AsyncEngine]:
-    name = f"picads_migrations_{secrets.token_hex(4)}"
-    await admin_execute(server_url, f'CREATE DATABASE "{name}"')
-    engine = create_async_engine(server_url.set(database=name))
-    yield engine
-    await engine.dispose()
-    await admin_execute(server_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+    async with throwaway_database(server_url, "migrations") as url:
+        engine = create_async_engine(url)
+        yield engine
+        await engine.dispose()
 
 
 async def test_migrations_match_the_models(empty_engine: AsyncEngine) -> None:

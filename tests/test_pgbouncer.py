@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import secrets
 import shutil
 import socket
 import subprocess
@@ -26,7 +25,8 @@ import pytest
 from sqlalchemy.engine import URL
 
 from app.application import create_app
-from tests.conftest import TokenFactory, admin_execute, bearer, free_port, make_settings
+from app.config import database_host
+from tests.conftest import TokenFactory, bearer, free_port, make_settings, throwaway_database
 
 PGBOUNCER = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
 # PgBouncer refuses to run as root; the embedded PostgreSQL runs as this user in that case too.
@@ -47,10 +47,8 @@ def pgbouncer_version() -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 async def pooled_database(server_url: URL) -> AsyncIterator[URL]:
-    name = f"picads_pooled_{secrets.token_hex(4)}"
-    await admin_execute(server_url, f'CREATE DATABASE "{name}"')
-    yield server_url.set(database=name)
-    await admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with throwaway_database(server_url, "pooled") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +56,7 @@ def pgbouncer(pooled_database: URL) -> Iterator[URL]:
     """A PgBouncer in transaction mode on a loopback port, with two server connections for many clients."""
     assert PGBOUNCER is not None
     # The embedded server listens on a Unix socket only (`?host=/dir`); PgBouncer reaches it there too.
-    host = pooled_database.host or str(pooled_database.query.get("host"))
+    host = database_host(pooled_database)
     target = f"host={host} port={pooled_database.port or 5432} dbname={pooled_database.database}"
     target += f" user={pooled_database.username}"
     if pooled_database.password:

@@ -3,10 +3,10 @@
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 
 from app.auth import CurrentUser, ServiceRole
-from app.database import ConnectionDep, SessionDep
+from app.database import SessionDep, pooled_connection
 from app.routes.responses import errors
 from app.schemas import AdjustmentRequest, BalanceChangeOut, CreditEntryOut, PageQuery, SpendRequest, TransactionsOut
 from app.services import credits
@@ -36,20 +36,22 @@ def _change(entry: credits.Entry) -> BalanceChangeOut:
     responses=errors(400, 401, 402, 403, 404, 409, 413, 422, 503),
 )
 async def spend(
-    user: CurrentUser, connection: ConnectionDep, body: SpendRequest, idempotency_key: IdempotencyKey = None
+    user: CurrentUser, request: Request, body: SpendRequest, idempotency_key: IdempotencyKey = None
 ) -> BalanceChangeOut:
-    entry = await credits.spend(connection, user.id, body.amount, body.reason, idempotency_key)
+    async with pooled_connection(request) as connection:
+        entry = await credits.spend(connection, user.id, body.amount, body.reason, idempotency_key)
     return _change(entry)
 
 
 @router.get("/credits/transactions", summary="Your ledger, newest first", responses=errors(401, 403, 422, 503))
 async def transactions(
     user: CurrentUser,
-    connection: ConnectionDep,
+    request: Request,
     page_query: Annotated[PageQuery, Query()],
 ) -> TransactionsOut:
     limit = page_query.limit
-    entries = await credits.list_entries(connection, user.id, limit + 1, page_query.before)
+    async with pooled_connection(request) as connection:
+        entries = await credits.list_entries(connection, user.id, limit + 1, page_query.before)
     page = entries[:limit]
     next_cursor = page[-1].id if len(entries) > limit else None
     return TransactionsOut(entries=[CreditEntryOut.model_validate(e) for e in page], next_cursor=next_cursor)

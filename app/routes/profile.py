@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Request, Response, status
 
 from app.auth import CurrentUser
-from app.database import ConnectionDep, SessionDep
+from app.database import SessionDep, pooled_connection
 from app.errors import NotFound
 from app.routes.responses import errors
 from app.schemas import CreditEntryOut, DashboardOut, DashboardUser, ProfileCreate, ProfileOut, ProfileUpdate
@@ -13,8 +13,9 @@ router = APIRouter(tags=["profile"])
 
 
 @router.get("/profile", summary="Your profile (404 until you create it)", responses=errors(401, 403, 404, 503))
-async def get_profile(user: CurrentUser, connection: ConnectionDep) -> ProfileOut:
-    profile = await profiles.get_profile(connection, user.id)
+async def get_profile(user: CurrentUser, request: Request) -> ProfileOut:
+    async with pooled_connection(request) as connection:
+        profile = await profiles.get_profile(connection, user.id)
     if profile is None:
         raise NotFound(profiles.PROFILE_NOT_FOUND)
     return ProfileOut.model_validate(dict(profile))
@@ -55,9 +56,10 @@ async def update_profile(user: CurrentUser, session: SessionDep, body: ProfileUp
 @router.get(
     "/dashboard", summary="Who you are, with your profile, balance and latest entries", responses=errors(401, 403, 503)
 )
-async def dashboard(user: CurrentUser, connection: ConnectionDep) -> DashboardOut:
-    profile = await profiles.get_profile(connection, user.id)
-    recent = await credits.list_entries(connection, user.id, limit=5, before=None) if profile else []
+async def dashboard(user: CurrentUser, request: Request) -> DashboardOut:
+    async with pooled_connection(request) as connection:
+        profile = await profiles.get_profile(connection, user.id)
+        recent = await credits.list_entries(connection, user.id, limit=5, before=None) if profile else []
     return DashboardOut(
         user=DashboardUser(id=user.id, email=user.email, role=user.role),
         profile=ProfileOut.model_validate(dict(profile)) if profile else None,

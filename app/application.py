@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from app.auth import TokenVerifier, document_bearer_auth, uses_development_secret
 from app.config import Settings, describe, load_settings
-from app.database import create_engine, create_sessionmaker, migrate, resolve_database_url
+from app.database import create_engine, create_sessionmaker, migrate, open_driver_connections, resolve_database_url
 from app.errors import install_error_handlers
 from app.middleware import ApiMiddleware
 from app.routes import billing, credits, profile, public
@@ -35,6 +35,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     url = await asyncio.to_thread(resolve_database_url, settings)
     engine = create_engine(settings, url)
+    driver_connections = await open_driver_connections(settings, url, engine)
     verifier = TokenVerifier(settings)
     # None without STRIPE_SECRET_KEY: checkout and the portal then answer 503.
     stripe_connection = connect_stripe(settings)
@@ -43,6 +44,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # Development applies migrations itself; production runs create_tables.py before starting.
             await migrate(engine)
         app.state.engine = engine
+        app.state.driver_connections = driver_connections
         app.state.sessionmaker = create_sessionmaker(engine)
         app.state.verifier = verifier
         app.state.stripe = stripe_connection
@@ -61,6 +63,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if stripe_connection is not None:
             await stripe_connection.aclose()
         await verifier.aclose()
+        await driver_connections.close()
         await engine.dispose()
 
 

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 from uuid import uuid4
 
 import asyncpg
@@ -20,7 +20,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry, NullPool
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from app.config import Settings, split_sslmode
@@ -63,7 +63,8 @@ def resolve_database_url(settings: Settings) -> URL:
     return start_embedded_postgres(settings.data_dir)
 
 
-def create_engine(settings: Settings, url: URL) -> AsyncEngine:
+def _connect_args(settings: Settings, url: URL) -> tuple[URL, dict[str, Any]]:
+    """The URL without `sslmode`, and the arguments for `asyncpg.connect` shared by both pools."""
     url, connect_args = split_sslmode(url)
     connect_args["timeout"] = settings.db_connect_timeout
     server_settings = {"application_name": "picads-backend"}
@@ -72,15 +73,22 @@ def create_engine(settings: Settings, url: URL) -> AsyncEngine:
     connect_args["server_settings"] = server_settings
     if settings.pooler_mode_for(url):
         # A transaction pooler hands each transaction to any server connection, where our named
-        # prepared statements do not exist: disable asyncpg's cache and make every name unique.
+        # prepared statements do not exist: no statement cache.
         connect_args["statement_cache_size"] = 0
+    return url, connect_args
+
+
+def create_engine(settings: Settings, url: URL) -> AsyncEngine:
+    """The SQLAlchemy engine behind the ORM sessions: profile changes, billing, the admin routes."""
+    url, connect_args = _connect_args(settings, url)
+    if settings.pooler_mode_for(url):  # SQLAlchemy's own statement cache, and unique statement names
         connect_args["prepared_statement_cache_size"] = 0
         connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
     if settings.db_pool_mode == "null":
         return create_async_engine(url, poolclass=NullPool, connect_args=connect_args)
     engine = create_async_engine(
         url,
-        pool_size=settings.db_pool_size,
+        pool_size=settings.db_session_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout,
         connect_args=connect_args,
@@ -177,38 +185,113 @@ def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
 SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
 
 
+class DriverConnections(Protocol):
+    """Where the hot paths get their asyncpg connection: `DriverPool`, or one connection per request."""
+
+    async def acquire(self) -> asyncpg.Connection: ...
+
+    async def release(self, connection: asyncpg.Connection) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class DriverPool:
+    """asyncpg's own pool, for the hot paths (reading the profile, spending credits).
+
+    Checking a connection out of SQLAlchemy's pool and back in (through greenlets) costs about twice
+    asyncpg's pool, which shows in the throughput of the hot paths. Connections open on demand, up to
+    DB_POOL_SIZE, and close after 5 idle minutes.
+    """
+
+    def __init__(self, settings: Settings, url: URL) -> None:
+        url, connect_args = _connect_args(settings, url)
+        _, from_url = url.get_dialect()().create_connect_args(url)
+        self.timeout = settings.db_pool_timeout
+        self.pool = asyncpg.create_pool(
+            min_size=0,
+            max_size=settings.db_pool_size,
+            reset=_keep_session,
+            **from_url,
+            **connect_args,
+        )
+
+    async def open(self) -> DriverPool:
+        await self.pool  # creates the pool, without connecting (min_size=0)
+        return self
+
+    async def acquire(self) -> asyncpg.Connection:
+        return await self.pool.acquire(timeout=self.timeout)
+
+    async def release(self, connection: asyncpg.Connection) -> None:
+        await self.pool.release(connection)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """On release, asyncpg rolls back any open transaction; its default reset would then also run
+    `RESET ALL`, `UNLISTEN *` and more, a round trip per request for session state we never change."""
+
+
+class ConnectionPerRequest:
+    """The benchmark's baseline (DB_POOL_MODE=null): a new connection for every request, from the engine's
+    NullPool, as in the original design."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.open_connections: dict[int, PoolProxiedConnection] = {}
+
+    async def acquire(self) -> asyncpg.Connection:
+        pooled = await self.engine.raw_connection()
+        connection: asyncpg.Connection = pooled.driver_connection
+        self.open_connections[id(connection)] = pooled
+        return connection
+
+    async def release(self, connection: asyncpg.Connection) -> None:
+        await greenlet_spawn(self.open_connections.pop(id(connection)).close)
+
+    async def close(self) -> None:
+        pass
+
+
+async def open_driver_connections(settings: Settings, url: URL, engine: AsyncEngine) -> DriverConnections:
+    if settings.db_pool_mode == "null":
+        return ConnectionPerRequest(engine)
+    return await DriverPool(settings, url).open()
+
+
 @asynccontextmanager
 async def pooled_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
-    """The request's driver connection, from the same pool, for the hot paths (reading the profile,
-    spending credits): plain SQL without the ORM's per-request bookkeeping, which costs several times
-    the query itself. The contract is the session's: one transaction, committed when the block ends
-    (before the response is sent) and rolled back on any error; GET and HEAD run without one.
+    """The request's driver connection, for the hot paths: plain SQL without the ORM's per-request
+    bookkeeping, which costs several times the query itself. The contract is the session's: one
+    transaction, committed when the block ends (before the response is sent) and rolled back on any
+    error; GET and HEAD run without one.
 
     A context manager in the route rather than a dependency: FastAPI's machinery for a dependency with
     `yield` costs more CPU than this whole block."""
-    engine: AsyncEngine = request.app.state.engine
+    connections: DriverConnections = request.app.state.driver_connections
     try:
-        pooled = await engine.raw_connection()
-    except Exception as exc:  # the driver's own error type, not wrapped by SQLAlchemy on this path
+        connection = await connections.acquire()
+    except Exception as exc:  # the driver's own error types, not wrapped by SQLAlchemy on this path
         if is_connection_failure(exc):
             raise ServiceUnavailable(DATABASE_UNAVAILABLE) from exc
         raise
-    driver: asyncpg.Connection = pooled.driver_connection
     try:
         if request.method in {"GET", "HEAD"}:  # reads: no BEGIN/COMMIT, two round trips fewer
-            yield driver
+            yield connection
         else:
-            async with driver.transaction():
-                yield driver
+            async with connection.transaction():
+                yield connection
     except Exception as exc:
-        lost = driver.is_closed() or is_connection_failure(exc)
+        lost = connection.is_closed() or is_connection_failure(exc)
         # An answer we chose (402, 404, 422...) or an error PostgreSQL reported leaves the connection usable
         # (the transaction was rolled back). After anything else its protocol state is unknown: close it
-        # rather than hand it to the next request.
-        if lost or not isinstance(exc, AppError | HTTPException | RequestValidationError | asyncpg.PostgresError):
-            await greenlet_spawn(pooled.invalidate, exc)
+        # rather than hand it to the next request (the pool opens a new one).
+        if not lost and not isinstance(exc, AppError | HTTPException | RequestValidationError | asyncpg.PostgresError):
+            connection.terminate()
         if lost:  # even between two statements, which asyncpg reports as a protocol error on the next one
             raise ServiceUnavailable(DATABASE_UNAVAILABLE) from exc
         raise
     finally:
-        await greenlet_spawn(pooled.close)
+        await connections.release(connection)

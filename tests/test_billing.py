@@ -584,14 +584,14 @@ async def test_a_slow_stripe_does_not_hold_database_connections(
     fake_stripe: FakeStripe,
     token: TokenFactory,
 ) -> None:
-    """With one pooled connection, other requests go on while checkouts wait for Stripe."""
+    """With one pooled session connection, other session requests go on while checkouts wait for Stripe."""
     settings = make_settings(
         database_url,
         tmp_path,
         stripe_secret_key=SECRET_KEY,
         stripe_api_base=fake_stripe.url,
         stripe_max_network_retries=0,
-        db_pool_size=1,
+        db_session_pool_size=1,
         db_pool_timeout=0.5,
         **CATALOGUE,
     )
@@ -608,7 +608,8 @@ async def test_a_slow_stripe_does_not_hold_database_connections(
                 for buyer in buyers
             ]
             await asyncio.sleep(0.3)  # all three are now waiting on Stripe
-            reads = [await http.get("/profile", headers=reader) for _ in range(3)]
+            # POST /profile for an existing profile is a read through a session, like the checkouts.
+            reads = [await http.post("/profile", headers=reader) for _ in range(3)]
             assert [read.status_code for read in reads] == [200, 200, 200]
             assert [(await checkout).status_code for checkout in checkouts] == [200, 200, 200]
 

@@ -8,9 +8,9 @@ wrapper per request, and this runs on every request the front end makes.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Iterable
 
 from starlette.exceptions import HTTPException
@@ -75,7 +75,7 @@ class ApiMiddleware:
                 origin = value
             elif name == b"content-length":
                 length = value
-        request_id = offered if offered and _VALID_REQUEST_ID.match(offered) else uuid.uuid4().hex
+        request_id = offered if offered and _VALID_REQUEST_ID.match(offered) else os.urandom(16).hex()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         path: str = scope["path"]

@@ -210,9 +210,9 @@ class DriverPool:
         self.pool = asyncpg.create_pool(
             min_size=0,
             max_size=settings.db_pool_size,
+            max_inactive_connection_lifetime=300.0,
             reset=_keep_session,
-            **from_url,
-            **connect_args,
+            **{**from_url, **connect_args},
         )
 
     async def open(self) -> DriverPool:

@@ -206,7 +206,9 @@ class DriverPool:
     def __init__(self, settings: Settings, url: URL) -> None:
         url, connect_args = _connect_args(settings, url)
         _, from_url = url.get_dialect()().create_connect_args(url)
+        self.size = settings.db_pool_size
         self.timeout = settings.db_pool_timeout
+        self.checked_out = 0
         self.pool = asyncpg.create_pool(
             min_size=0,
             max_size=settings.db_pool_size,
@@ -220,10 +222,23 @@ class DriverPool:
         return self
 
     async def acquire(self) -> asyncpg.Connection:
-        return await self.pool.acquire(timeout=self.timeout)
+        # Only a checkout that may queue needs the DB_POOL_TIMEOUT timer: with a connection slot free it
+        # never waits (opening a connection has its own timeout), and a timer set and cancelled on every
+        # request costs about as much as the checkout itself.
+        timeout = None if self.checked_out < self.size else self.timeout
+        self.checked_out += 1  # before waiting, so a concurrent checkout never counts this slot as free
+        try:
+            connection: asyncpg.Connection = await self.pool.acquire(timeout=timeout)
+        except BaseException:
+            self.checked_out -= 1
+            raise
+        return connection
 
     async def release(self, connection: asyncpg.Connection) -> None:
-        await self.pool.release(connection)
+        try:
+            await self.pool.release(connection)
+        finally:
+            self.checked_out -= 1
 
     async def close(self) -> None:
         await self.pool.close()

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from app.application import create_app
 from app.services.credits import find_ledger_mismatches
-from tests.conftest import TEST_SERVICE_ROLE_KEY, TokenFactory, bearer, sign
+from tests.conftest import TEST_SERVICE_ROLE_KEY, TokenFactory, bearer, make_settings, sign
 
 SERVICE = bearer(TEST_SERVICE_ROLE_KEY)
 
@@ -288,3 +292,30 @@ async def test_refused_requests_keep_their_database_connection(
         for _ in range(3):
             assert (await client.post("/credits/spend", headers=member, json=body)).status_code in (402, 422)
     assert await sessions_opened() == before
+
+
+async def test_with_every_connection_taken_a_request_waits_at_most_the_pool_timeout(
+    database_url: URL, tmp_path: Path, engine: AsyncEngine, token: TokenFactory, user_id: uuid.UUID
+) -> None:
+    """A spend stuck on a row lock holds the only hot-path connection: the next request gets a 503 after
+    DB_POOL_TIMEOUT, and once the lock goes, both the spend and later requests go through."""
+    application = create_app(make_settings(database_url, tmp_path, db_pool_size=1, db_pool_timeout=0.5))
+    user = bearer(token(user_id))
+    async with (
+        application.router.lifespan_context(application),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://testserver") as http,
+    ):
+        assert (await http.post("/profile", headers=user)).status_code == 201
+        async with engine.begin() as locker:
+            await locker.execute(text("SELECT 1 FROM profiles WHERE id = :id FOR UPDATE"), {"id": user_id})
+            spend = asyncio.create_task(http.post("/credits/spend", headers=user, json={"amount": 1}))
+            await asyncio.sleep(0.3)  # the spend now waits for the lock, on the pool's only connection
+            started = time.monotonic()
+            waiting = await http.get("/profile", headers=user)
+            assert waiting.status_code == 503
+            assert waiting.headers["Retry-After"]
+            assert 0.4 < time.monotonic() - started < 3
+        assert (await spend).status_code == 200
+        reads = await asyncio.gather(*(http.get("/profile", headers=user) for _ in range(5)))
+        assert [read.status_code for read in reads] == [200] * 5
+        assert reads[0].json()["credits"] == 999

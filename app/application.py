@@ -35,7 +35,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     url = await asyncio.to_thread(resolve_database_url, settings)
     engine = create_engine(settings, url)
-    driver_connections = await open_driver_connections(settings, url, engine)
+    driver_connections = open_driver_connections(settings, url, engine)
     verifier = TokenVerifier(settings)
     # None without STRIPE_SECRET_KEY: checkout and the portal then answer 503.
     stripe_connection = connect_stripe(settings)

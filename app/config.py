@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # "queue": a real pool (the default). "null": a new connection per request, the original design,
     # kept only as the benchmark's baseline; it is several times slower.
     db_pool_mode: Literal["queue", "null"] = "queue"
-    # Per worker: asyncpg's pool for the hot paths, and SQLAlchemy's for the ORM sessions.
+    # Per worker: the hot paths' pool of asyncpg connections, and SQLAlchemy's pool for the ORM sessions.
     db_pool_size: int = Field(20, ge=1)
     db_session_pool_size: int = Field(5, ge=1)
     db_max_overflow: int = Field(0, ge=0)

@@ -200,8 +200,10 @@ class DriverConnections(Protocol):
 class DriverPool:
     """A last-in-first-out pool of asyncpg connections for the hot paths (reading the profile, spending credits).
 
-    Connections open on demand, up to DB_POOL_SIZE, and stay open; one the server closed is dropped at checkout.
-    A checkout that finds every connection taken waits at most DB_POOL_TIMEOUT, then fails (503).
+    Connections open on demand, up to DB_POOL_SIZE, and stay open. At checkout, one the server closed is
+    dropped, and one idle for IDLE_PING_SECONDS is pinged first (as the session pool does), so a connection
+    that died silently never fails a request. A checkout that finds every connection taken waits at most
+    DB_POOL_TIMEOUT, then fails (503).
 
     Our own rather than SQLAlchemy's or asyncpg's: a checkout here is a list pop and a checkin a list append.
     SQLAlchemy's pool switches greenlets twice per checkout, and asyncpg's spends a task, timers and a reset
@@ -214,7 +216,9 @@ class DriverPool:
         self.connect_args = {**from_url, **connect_args}
         self.size = settings.db_pool_size
         self.timeout = settings.db_pool_timeout
-        self.idle: list[asyncpg.Connection] = []
+        self.ping_timeout = settings.db_connect_timeout
+        self.idle_ping_seconds = IDLE_PING_SECONDS
+        self.idle: list[tuple[asyncpg.Connection, float]] = []  # with the time each was put back
         self.opened = 0  # connections open or opening, idle or checked out
         # Checkouts waiting for a connection: each gets one, or None when a slot frees up to open a new one.
         self.waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
@@ -222,9 +226,12 @@ class DriverPool:
 
     async def acquire(self) -> asyncpg.Connection:
         while self.idle:
-            connection = self.idle.pop()
-            if not connection.is_closed():
+            connection, since = self.idle.pop()
+            if not connection.is_closed() and (
+                time.monotonic() - since < self.idle_ping_seconds or await self._answers(connection)
+            ):
                 return connection
+            connection.terminate()
             self.opened -= 1
         if self.opened < self.size:
             return await self._connect()
@@ -246,6 +253,13 @@ class DriverPool:
                 self.waiters.remove(waiter)
         return handed if handed is not None else await self._connect()
 
+    async def _answers(self, connection: asyncpg.Connection) -> bool:
+        try:
+            await connection.execute("SELECT 1", timeout=self.ping_timeout)
+        except Exception:  # any failure: the caller replaces it
+            return False
+        return True
+
     async def _connect(self) -> asyncpg.Connection:
         self.opened += 1
         try:
@@ -261,7 +275,7 @@ class DriverPool:
         protocol state unknown, or was cancelled mid-query) is closed, and its slot freed."""
         if reusable and not self.closed and not connection.is_closed() and not connection.is_in_transaction():
             if not self._hand_over(connection):
-                self.idle.append(connection)
+                self.idle.append((connection, time.monotonic()))
             return
         connection.terminate()
         self.opened -= 1
@@ -279,7 +293,7 @@ class DriverPool:
     async def close(self) -> None:
         self.closed = True
         idle, self.idle = self.idle, []
-        await asyncio.gather(*(connection.close() for connection in idle), return_exceptions=True)
+        await asyncio.gather(*(connection.close() for connection, _ in idle), return_exceptions=True)
 
 
 class ConnectionPerRequest:

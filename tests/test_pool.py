@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -87,3 +88,32 @@ def url_arguments(url: URL) -> dict[str, object]:
     url, ssl_arguments = split_sslmode(url)
     _, arguments = url.get_dialect()().create_connect_args(url)
     return {**arguments, **ssl_arguments}
+
+
+@pytest.mark.parametrize("pool", [1], indirect=True)
+async def test_an_idle_connection_is_pinged_and_replaced_when_it_does_not_answer(
+    pool: DriverPool, database_url: URL
+) -> None:
+    pool.idle_ping_seconds = 0  # every checkout pings: as if each connection had sat idle
+    connection = await pool.acquire()
+    pid = await backend_pid(connection)
+    await pool.release(connection, reusable=True)
+
+    async def terminate() -> None:
+        admin = await asyncpg.connect(**url_arguments(database_url))
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+        finally:
+            await admin.close()
+
+    # Ended by the server from another thread while this event loop stands still, so the pooled connection
+    # cannot notice: only the ping at checkout can tell it is dead.
+    ender = threading.Thread(target=asyncio.run, args=(terminate(),))
+    ender.start()
+    ender.join()
+    assert not connection.is_closed()
+
+    replacement = await pool.acquire()
+    assert await backend_pid(replacement) != pid
+    await pool.release(replacement, reusable=True)
+    assert pool.opened == 1

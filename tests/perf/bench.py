@@ -8,8 +8,9 @@ credits ledger. Then, for each variant of the app (the app as configured, "poole
 new database connection per request, SQLAlchemy's NullPool), it starts gunicorn with uvicorn workers on
 127.0.0.1 and drives each scenario from a separate process, wrk when installed, else tests/perf/loadgen.py,
 over --connections keep-alive connections with --users distinct signed tokens, for --duration seconds after a
-warm-up. It prints a Markdown table (requests/s, p50 and p99 latency, errors, new database connections) with
-the pooled / baseline ratios, and checks the ledger invariant after every spend run. Everything it started is
+warm-up, for --rounds rounds in which the variants take turns. It prints a Markdown table of each variant's
+median run (requests/s, p50 and p99 latency, errors, new database connections) with the pooled / baseline
+ratios (the median of the rounds'), and checks the ledger invariant after every spend run. Everything it started is
 stopped at the end, on failure and on Ctrl-C. See docs/benchmarks.md.
 """
 
@@ -134,6 +135,7 @@ class Row:
     result: Measurement
     new_connections: int | None
     cpu: CpuSplit | None
+    round: int = 0
     invariant: str | None = None
 
 
@@ -576,6 +578,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(SCENARIOS),
         help="run only this scenario (repeatable; default: profile and spend)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of runs, the variants taking turns; the report shows medians (3)",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="run only the app as configured")
     parser.add_argument(
         "--client", choices=("auto", "wrk", "python"), default="auto", help="load generator (auto: wrk if installed)"
@@ -584,8 +592,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.profiles < 1 or not 1 <= args.users <= args.profiles:
         parser.error("need 1 <= --users <= --profiles")
-    if args.connections < 1 or args.duration <= 0 or args.warmup < 0 or args.workers < 1:
-        parser.error("--connections, --duration and --workers must be positive, --warmup not negative")
+    if args.connections < 1 or args.duration <= 0 or args.warmup < 0 or args.workers < 1 or args.rounds < 1:
+        parser.error("--connections, --duration, --workers and --rounds must be positive, --warmup not negative")
     if args.client == "wrk" and shutil.which("wrk") is None:
         parser.error("--client wrk: wrk is not installed (Debian: apt-get install wrk)")
     if args.client == "auto":
@@ -616,35 +624,26 @@ def run(args: argparse.Namespace) -> int:
         log(f"seeded in {time.monotonic() - began:.1f} s")
 
         secret = secrets.token_urlsafe(48)
-        planned = len(args.scenarios) * 2 * (args.duration + args.warmup + 30)
+        planned = args.rounds * len(args.scenarios) * 2 * (args.duration + args.warmup + 30)
         tokens = make_tokens(secret, args.profiles, args.users, lifetime=int(planned) + 3600)
         tokens_file = work / "tokens.txt"
         tokens_file.write_text("\n".join(tokens) + "\n")
 
-        for variant in variants(args):
-            with gunicorn(variant, args.workers, database_url, secret, work) as (port, master):
-                for scenario in args.scenarios:
-                    opened_before = asyncio.run(sessions_opened(server_url, database_name))
-                    if args.warmup > 0:
-                        warm = drive(args, port, scenario, tokens_file, args.warmup)
-                        opened = asyncio.run(sessions_opened(server_url, database_name))
-                        if variant.key == "baseline" and scenario.key != "token-only":
-                            check_baseline(args, warm, opened_before, opened)
-                        opened_before = opened
-                    log(f"{scenario.title}, {variant.key}: {args.duration:g} s at {args.connections} connections")
-                    before = (time.monotonic(), machine_busy_seconds(), tree_cpu_seconds(master))
-                    db_before = tree_cpu_seconds(postmaster)
-                    result = drive(args, port, scenario, tokens_file, args.duration)
-                    cpu = cpu_split(result, before, db_before, master, postmaster)
-                    opened_after = asyncio.run(sessions_opened(server_url, database_name))
-                    new_connections = (
-                        opened_after - opened_before if opened_before is not None and opened_after is not None else None
-                    )
-                    row = Row(scenario, variant, result, new_connections, cpu)
-                    log(
-                        f"  {result.rate:,.0f} requests/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
-                        f"{result.errors} errors"
-                    )
+        # Every variant's server stays up, and the variants take turns on each scenario, so the runs compared
+        # are minutes apart at most: the host's speed drifts, and a ratio of runs far apart would drift with it.
+        servers = [
+            (variant, *stack.enter_context(gunicorn(variant, args.workers, database_url, secret, work)))
+            for variant in variants(args)
+        ]
+        for round_number in range(1, args.rounds + 1):
+            turns = servers if round_number % 2 else servers[::-1]  # neither variant always goes first
+            for scenario in args.scenarios:
+                for variant, port, master in turns:
+                    if args.rounds > 1:
+                        log(f"round {round_number} of {args.rounds}")
+                    processes = (master, postmaster)
+                    row = measure(args, scenario, variant, port, processes, tokens_file, server_url, database_name)
+                    row.round = round_number
                     if scenario.key == "spend":
                         mismatches, spends = asyncio.run(check_ledger(database_url))
                         invariant_broken |= mismatches > 0
@@ -658,6 +657,40 @@ def run(args: argparse.Namespace) -> int:
 
     print(report(args, rows, server_kind, pg_version))
     return 1 if invariant_broken else 0
+
+
+def measure(
+    args: argparse.Namespace,
+    scenario: Scenario,
+    variant: Variant,
+    port: int,
+    processes: tuple[int, int | None],
+    tokens_file: Path,
+    server_url: URL,
+    database_name: str,
+) -> Row:
+    """One warmed-up run of a scenario against a variant's server (`processes`: gunicorn's master, and
+    PostgreSQL's when it runs on this machine)."""
+    master, postmaster = processes
+    opened_before = asyncio.run(sessions_opened(server_url, database_name))
+    if args.warmup > 0:
+        warm = drive(args, port, scenario, tokens_file, args.warmup)
+        opened = asyncio.run(sessions_opened(server_url, database_name))
+        if variant.key == "baseline" and scenario.key != "token-only":
+            check_baseline(args, warm, opened_before, opened)
+        opened_before = opened
+    log(f"{scenario.title}, {variant.key}: {args.duration:g} s at {args.connections} connections")
+    before = (time.monotonic(), machine_busy_seconds(), tree_cpu_seconds(master))
+    db_before = tree_cpu_seconds(postmaster)
+    result = drive(args, port, scenario, tokens_file, args.duration)
+    cpu = cpu_split(result, before, db_before, master, postmaster)
+    opened_after = asyncio.run(sessions_opened(server_url, database_name))
+    new_connections = opened_after - opened_before if opened_before is not None and opened_after is not None else None
+    log(
+        f"  {result.rate:,.0f} requests/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+        f"{result.errors} errors"
+    )
+    return Row(scenario, variant, result, new_connections, cpu)
 
 
 def cpu_split(
@@ -711,12 +744,27 @@ def report(args: argparse.Namespace, rows: list[Row], server_kind: str, pg_versi
         f"gunicorn with {args.workers} uvicorn workers",
         f"- Load: {client}, {args.connections} connections, {args.users:,} distinct users among "
         f"{args.profiles:,} profiles, {args.duration:g} s per run after {args.warmup:g} s of warm-up",
+        *(
+            [
+                f"- {args.rounds} rounds, the variants taking turns on each scenario; the table shows each variant's "
+                "median run, and the ratios are each round's pooled run over the baseline run beside it"
+            ]
+            if args.rounds > 1
+            else []
+        ),
         "",
         "| scenario | variant | requests/s | p50 ms | p99 ms | errors | new DB connections "
         "| CPU cores: app / PostgreSQL / client / other |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
+        groups.setdefault((row.scenario.key, row.variant.key), []).append(row)
+    # The lower median with an even number of rounds: never the better of two runs.
+    medians = {
+        key: sorted(group, key=lambda row: row.result.rate)[(len(group) - 1) // 2] for key, group in groups.items()
+    }
+    for row in medians.values():
         result = row.result
         connections = f"{row.new_connections:,}" if row.new_connections is not None else "n/a"
         cpu = row.cpu
@@ -727,16 +775,31 @@ def report(args: argparse.Namespace, rows: list[Row], server_kind: str, pg_versi
         )
     lines.append("")
     for scenario in args.scenarios:
-        pooled = next((r.result for r in rows if r.scenario == scenario and r.variant.key == "pooled"), None)
-        baseline = next((r.result for r in rows if r.scenario == scenario and r.variant.key == "baseline"), None)
-        if pooled and baseline and baseline.rate and baseline.p99_ms:
-            lines.append(
-                f"- {scenario.title}, pooled / baseline: **{pooled.rate / baseline.rate:.1f}x** requests/s, "
-                f"p99 {pooled.p99_ms / baseline.p99_ms:.2f}x"
-            )
-    for row in rows:
-        if row.invariant is not None:
-            lines.append(f"- Ledger invariant after {row.scenario.title} ({row.variant.key}): {row.invariant}")
+        pooled_runs = groups.get((scenario.key, "pooled"), [])
+        baseline_runs = {row.round: row.result for row in groups.get((scenario.key, "baseline"), [])}
+        # Each round's pooled run against the same round's baseline, which ran just before or after it.
+        ratios = sorted(
+            row.result.rate / baseline_runs[row.round].rate
+            for row in pooled_runs
+            if row.round in baseline_runs and baseline_runs[row.round].rate
+        )
+        pooled, baseline = medians.get((scenario.key, "pooled")), medians.get((scenario.key, "baseline"))
+        if not ratios or pooled is None or baseline is None or not baseline.result.p99_ms:
+            continue
+        listed = ", ".join(f"{ratio:.1f}x" for ratio in ratios)
+        rounds = f" (median of {len(ratios)} rounds: {listed})" if len(ratios) > 1 else ""
+        lines.append(
+            f"- {scenario.title}, pooled / baseline: **{ratios[(len(ratios) - 1) // 2]:.1f}x** requests/s{rounds}, "
+            f"p99 {pooled.result.p99_ms / baseline.result.p99_ms:.2f}x"
+        )
+    for (_, variant_key), group in groups.items():
+        checked = [row for row in group if row.invariant is not None]
+        if not checked:
+            continue
+        broken = [row for row in checked if not row.invariant or row.invariant.startswith("BROKEN")]
+        verdict = broken[0].invariant if broken else checked[-1].invariant
+        runs = f"each of the {len(checked)} {checked[0].scenario.title} runs" if len(checked) > 1 else "the run"
+        lines.append(f"- Ledger invariant after {runs} ({variant_key}): {verdict}")
     lines += [
         "",
         "Errors are non-2xx answers plus socket errors. New DB connections: connections PostgreSQL accepted "

@@ -792,6 +792,8 @@ def report(args: argparse.Namespace, rows: list[Row], server_kind: str, pg_versi
             f"- {scenario.title}, pooled / baseline: **{ratios[(len(ratios) - 1) // 2]:.1f}x** requests/s{rounds}, "
             f"p99 {pooled.result.p99_ms / baseline.result.p99_ms:.2f}x"
         )
+    if args.rounds > 1:  # the table shows medians: an error in any other run must still show
+        lines.append(f"- Errors over all {len(rows)} runs: {sum(row.result.errors for row in rows):,}")
     for (_, variant_key), group in groups.items():
         checked = [row for row in group if row.invariant is not None]
         if not checked:

@@ -629,18 +629,18 @@ def run(args: argparse.Namespace) -> int:
         tokens_file = work / "tokens.txt"
         tokens_file.write_text("\n".join(tokens) + "\n")
 
-        # Every variant's server stays up, and the variants take turns on each scenario, so the runs compared
-        # are minutes apart at most: the host's speed drifts, and a ratio of runs far apart would drift with it.
+        # Every variant's server stays up, and the variants take turns on each scenario, so the two runs a ratio
+        # compares are seconds apart: the host's speed drifts, and a ratio of runs far apart would drift with it.
         servers = [
             (variant, *stack.enter_context(gunicorn(variant, args.workers, database_url, secret, work)))
             for variant in variants(args)
         ]
         for round_number in range(1, args.rounds + 1):
+            if args.rounds > 1:
+                log(f"round {round_number} of {args.rounds}")
             turns = servers if round_number % 2 else servers[::-1]  # neither variant always goes first
             for scenario in args.scenarios:
                 for variant, port, master in turns:
-                    if args.rounds > 1:
-                        log(f"round {round_number} of {args.rounds}")
                     processes = (master, postmaster)
                     row = measure(args, scenario, variant, port, processes, tokens_file, server_url, database_name)
                     row.round = round_number

@@ -103,6 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The routes themselves, not `include_router`: none of ours has a prefix or shared dependencies, and
         # matching through included routers costs about a tenth of a request's CPU.
         app.router.routes.extend(router.routes)
-    install_error_handlers(app, routers)
-    document_bearer_auth(app, routers)
+    install_error_handlers(app)
+    document_bearer_auth(app)
     return app

@@ -14,14 +14,14 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from jose import jwt
@@ -287,7 +287,7 @@ CurrentUser = Annotated[User, Depends(require_user)]
 ServiceRole = Annotated[ServiceCaller, Depends(require_service_role)]
 
 
-def document_bearer_auth(app: FastAPI, routers: Sequence[APIRouter]) -> None:
+def document_bearer_auth(app: FastAPI) -> None:
     """Put the bearer scheme in the OpenAPI document (the Authorize button of /docs) and mark each operation
     that takes a token: required for users and the service role, optional for `OptionalPrincipal`."""
     dependency_security: dict[Callable[..., Any], list[dict[str, list[str]]]] = {
@@ -307,8 +307,9 @@ def document_bearer_auth(app: FastAPI, routers: Sequence[APIRouter]) -> None:
                     "description": "A Supabase access token (or, for admin routes, the service-role key)",
                 }
             }
-            routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
-            for route in routes:
+            for route in app.routes:
+                if not isinstance(route, APIRoute):
+                    continue
                 calls = [dependency.call for dependency in route.dependant.dependencies]
                 security = next((dependency_security[call] for call in calls if call in dependency_security), None)
                 if security is None or not route.methods:

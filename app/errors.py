@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 import asyncpg
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -157,8 +157,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error: the request was not completed; try again"}, status_code=500)
 
 
-def install_error_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None:
-    routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
+def install_error_handlers(app: FastAPI) -> None:
+    """After the routes are added: the 405 handler lists the methods of the app's routes."""
+    routes = [route for route in app.routes if isinstance(route, APIRoute)]
     app.add_exception_handler(405, _method_not_allowed(routes))
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Exception, _unexpected)

@@ -139,28 +139,34 @@ def _kill_group(process: asyncio.subprocess.Process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-async def test_start_serves_like_production_and_stops_on_sigterm(
-    subprocess_env: dict[str, str], tmp_path: Path
-) -> None:
-    port = free_port()
-    log = tmp_path / "start.log"
+async def _serve_until_sigterm(name: str, env: dict[str, str], port: int, log: Path) -> str:
+    """Run a server script until /health answers, send SIGTERM to the script's own process only (it must stop
+    everything it started, and exit 0), and return what it printed."""
     with log.open("w") as output:
         process = await asyncio.create_subprocess_exec(
-            script("start"),
+            script(name),
             cwd=PROJECT_ROOT,
-            env={**subprocess_env, "PORT": str(port), "WEB_CONCURRENCY": "1"},
+            env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, to see that nothing outlives it
         )
     try:
         assert (await wait_for_http(f"http://127.0.0.1:{port}/health", 30)).status_code == 200
-        # Only the script's own process is signalled: gunicorn must be that process, not a child of it.
         process.send_signal(signal.SIGTERM)
         assert await _wait_gone(process, 10) == 0
     finally:
         _kill_group(process)
-    text = log.read_text()
+    return await asyncio.to_thread(log.read_text)
+
+
+async def test_start_serves_like_production_and_stops_on_sigterm(
+    subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    # gunicorn must be the script's own process, not a child of it.
+    env = {**subprocess_env, "PORT": str(port), "WEB_CONCURRENCY": "1"}
+    text = await _serve_until_sigterm("start", env, port, tmp_path / "start.log")
     command = f"-m gunicorn main:app --worker-class uvicorn_worker.UvicornWorker --bind 0.0.0.0:{port}\n"
     assert command in text
     assert text.count("Booting worker") == 1  # WEB_CONCURRENCY=1
@@ -169,24 +175,9 @@ async def test_start_serves_like_production_and_stops_on_sigterm(
 
 async def test_dev_serves_with_reload_and_stops_on_sigterm(subprocess_env: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
-    log = tmp_path / "dev.log"
-    with log.open("w") as output:
-        process = await asyncio.create_subprocess_exec(
-            script("dev"),
-            cwd=PROJECT_ROOT,
-            env={**subprocess_env, "HOST": "127.0.0.1", "PORT": str(port)},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        assert (await wait_for_http(f"http://127.0.0.1:{port}/health", 30)).status_code == 200
-        # Only the script's own process (uvicorn's reloader) is signalled; it must stop its server process too.
-        process.send_signal(signal.SIGTERM)
-        assert await _wait_gone(process, 10) == 0
-    finally:
-        _kill_group(process)
-    text = log.read_text()
+    # uvicorn's reloader is signalled; it must stop its server process too.
+    env = {**subprocess_env, "HOST": "127.0.0.1", "PORT": str(port)}
+    text = await _serve_until_sigterm("dev", env, port, tmp_path / "dev.log")
     assert f"-m uvicorn main:app --reload --host 127.0.0.1 --port {port}\n" in text
     assert "Started reloader process" in text
     assert "Application shutdown complete" in text  # a graceful stop

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.engine import URL
 
-from app.auth import TokenVerifier, document_bearer_auth, uses_development_secret
+from app.auth import TokenVerifier, uses_development_secret
 from app.config import Settings, describe, load_settings
-from app.database import create_engine, create_sessionmaker, migrate, open_driver_connections, resolve_database_url
+from app.database import (
+    close_driver_pool,
+    create_engine,
+    create_sessionmaker,
+    migrate,
+    open_driver_pool,
+    resolve_database_url,
+)
+from app.deps import Resources
+from app.docs import document_bearer_auth
 from app.errors import install_error_handlers
 from app.middleware import ApiMiddleware
 from app.routes import billing, credits, profile, public
-from app.services.billing import connect_stripe
+from app.services.billing.stripe_api import connect_stripe
 
 logger = logging.getLogger("app")
 
@@ -34,37 +43,45 @@ The Picads.ai backend. Sign in with Supabase and send the access token as `Autho
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     url = await asyncio.to_thread(resolve_database_url, settings)
-    engine = create_engine(settings, url)
-    driver_connections = open_driver_connections(settings, url, engine)
-    verifier = TokenVerifier(settings)
-    # None without STRIPE_SECRET_KEY: checkout and the portal then answer 503.
-    stripe_connection = connect_stripe(settings)
-    try:
+    async with AsyncExitStack() as cleanup:
+        engine = create_engine(settings, url)
+        cleanup.push_async_callback(engine.dispose)
+        driver_pool = await open_driver_pool(settings, url)
+        cleanup.push_async_callback(close_driver_pool, driver_pool, settings.db_pool_timeout)
+        verifier = TokenVerifier(settings)
+        cleanup.push_async_callback(verifier.aclose)
+        stripe_connection = connect_stripe(settings)
+        if stripe_connection is not None:
+            cleanup.push_async_callback(stripe_connection.aclose)
         if not settings.is_production:
             # Development applies migrations itself; production runs create_tables.py before starting.
             await migrate(engine)
-        app.state.engine = engine
-        app.state.driver_connections = driver_connections
-        app.state.sessionmaker = create_sessionmaker(engine)
-        app.state.verifier = verifier
-        app.state.stripe = stripe_connection
-        if settings.stripe_secret_key and not settings.stripe_webhook_secret:
-            logger.warning("STRIPE_WEBHOOK_SECRET is not set: /webhook refuses events, so payments grant no credits")
-        embedded = "" if settings.database_configured else f" (embedded, data in {settings.data_dir / 'pgdata'})"
-        logger.info("database: %s%s", describe(url), embedded)
-        if uses_development_secret(settings):
-            logger.info("tokens: development secret; get one with `poetry run dev-token` (or `python -m app.devtoken`)")
-        # Start-up objects (modules, models, routes) live as long as the process: keep the garbage collector
-        # from walking them again on every collection, which shows up as latency spikes under load.
-        gc.collect()
-        gc.freeze()
+        app.state.resources = Resources(
+            settings=settings,
+            engine=engine,
+            sessions=create_sessionmaker(engine),
+            driver_pool=driver_pool,
+            verifier=verifier,
+            stripe=stripe_connection,
+        )
+        _log_start(settings, url)
         yield
-    finally:
-        if stripe_connection is not None:
-            await stripe_connection.aclose()
-        await verifier.aclose()
-        await driver_connections.close()
-        await engine.dispose()
+
+
+def _log_start(settings: Settings, url: URL) -> None:
+    if settings.stripe_secret_key and not settings.stripe_webhook_secret:
+        logger.warning("STRIPE_WEBHOOK_SECRET is not set: /webhook refuses events, so payments grant no credits")
+    embedded = "" if settings.database_configured else f" (embedded, data in {settings.data_dir / 'pgdata'})"
+    logger.info(
+        "database: %s%s; at most %d connections per process (DB_POOL_SIZE %d + DB_SESSION_POOL_SIZE %d)",
+        describe(url),
+        embedded,
+        settings.connection_budget,
+        settings.db_pool_size,
+        settings.db_session_pool_size,
+    )
+    if uses_development_secret(settings):
+        logger.info("tokens: development secret; get one with `poetry run dev-token` (or `python -m app.devtoken`)")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

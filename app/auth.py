@@ -1,4 +1,4 @@
-"""Supabase access-token verification and the `CurrentUser`, `OptionalPrincipal` and `ServiceRole` dependencies.
+"""Supabase access-token verification: who a bearer token says the caller is (the dependencies are in deps.py).
 
 Tokens are verified locally: HS256 with the project's JWT secret (legacy projects), ES256/RS256 with the
 project's JWKS. The algorithm must be one the configured key was made for; `alg: none` never is.
@@ -14,21 +14,17 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 from uuid import UUID
 
 import httpx
-from fastapi import Depends, FastAPI, Request
-from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
 from jose import jwt
 from jose.exceptions import ExpiredSignatureError, JWTError
 
 from app.config import Settings
-from app.errors import Forbidden, Unauthorized
+from app.errors import Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -221,102 +217,3 @@ def _keys_by_kid(jwks: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(keys, list):
         return {}
     return {key["kid"]: key for key in keys if isinstance(key, dict) and isinstance(key.get("kid"), str)}
-
-
-SECURITY_SCHEME = "SupabaseBearer"
-
-
-def _verifier(request: Request) -> TokenVerifier:
-    verifier: TokenVerifier = request.app.state.verifier
-    return verifier
-
-
-def _bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization")
-    if header is None:
-        return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("expected 'Authorization: Bearer <token>'")
-    return token.strip()
-
-
-async def _caller(request: Request) -> Principal | None:
-    """The caller when a token is sent; anonymous without one. A token that fails is 401, never anonymous."""
-    token = _bearer_token(request)
-    if token is None:
-        return None
-    verifier = _verifier(request)
-    if verifier.is_service_role_key(token):
-        return ServiceCaller()
-    principal = await verifier.verify(token)
-    if isinstance(principal, User):
-        request.state.user_id = principal.id  # for the request log
-    return principal
-
-
-# Each dependency below is one flat function of the request: FastAPI's per-request cost grows with every
-# node of the dependency tree, and these run on every authenticated request. /docs learns of them from
-# `document_bearer_auth` instead of a security sub-dependency.
-
-
-async def optional_principal(request: Request) -> Principal | None:
-    return await _caller(request)
-
-
-async def require_user(request: Request) -> User:
-    principal = await _caller(request)
-    if principal is None:
-        raise Unauthorized("missing bearer token")
-    if not isinstance(principal, User):
-        raise Forbidden("this endpoint needs a user's token; the service role has no profile")
-    return principal
-
-
-async def require_service_role(request: Request) -> ServiceCaller:
-    principal = await _caller(request)
-    if principal is None:
-        raise Unauthorized("missing bearer token")
-    if not isinstance(principal, ServiceCaller):
-        raise Forbidden("this endpoint needs the service role")
-    return principal
-
-
-OptionalPrincipal = Annotated[Principal | None, Depends(optional_principal)]
-CurrentUser = Annotated[User, Depends(require_user)]
-ServiceRole = Annotated[ServiceCaller, Depends(require_service_role)]
-
-
-def document_bearer_auth(app: FastAPI) -> None:
-    """Put the bearer scheme in the OpenAPI document (the Authorize button of /docs) and mark each operation
-    that takes a token: required for users and the service role, optional for `OptionalPrincipal`."""
-    dependency_security: dict[Callable[..., Any], list[dict[str, list[str]]]] = {
-        require_user: [{SECURITY_SCHEME: []}],
-        require_service_role: [{SECURITY_SCHEME: []}],
-        optional_principal: [{}, {SECURITY_SCHEME: []}],
-    }
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema.setdefault("components", {})["securitySchemes"] = {
-                SECURITY_SCHEME: {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "bearerFormat": "JWT",
-                    "description": "A Supabase access token (or, for admin routes, the service-role key)",
-                }
-            }
-            for route in app.routes:
-                if not isinstance(route, APIRoute):
-                    continue
-                calls = [dependency.call for dependency in route.dependant.dependencies]
-                security = next((dependency_security[call] for call in calls if call in dependency_security), None)
-                if security is None or not route.methods:
-                    continue
-                for method in route.methods:
-                    schema["paths"][route.path_format][method.lower()]["security"] = security
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

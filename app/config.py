@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 
@@ -25,43 +37,27 @@ class CatalogueItem(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(min_length=1, max_length=100)
-    credits: int = Field(gt=0, le=1_000_000)
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    credits: int = Field(gt=0, le=1_000_000, strict=True)
 
 
-def _parse_catalogue(value: Any) -> Any:
-    """CREDIT_PACKS / SUBSCRIPTION_PLANS: a JSON object from Stripe price id to {"name": str, "credits": int}.
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    """What this server sells: one-time credit packs, and monthly plans (credits per paid invoice)."""
 
-    Checked here, item by item, so a mistake at start-up names the price and the field at fault.
-    """
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError(
-                'must be a JSON object, e.g. {"price_123": {"name": "Starter pack", "credits": 500}}'
-            ) from None
-    if not isinstance(value, dict):
-        raise ValueError('must be a JSON object from price id to {"name": ..., "credits": ...}')
-    for price_id, item in value.items():
-        if not isinstance(price_id, str) or not price_id.startswith("price_"):
-            hint = " (that is a product id: use the price's id, price_...)" if str(price_id).startswith("prod_") else ""
-            raise ValueError(f"{price_id!r} is not a Stripe price id (price_...){hint}")
-        if isinstance(item, CatalogueItem):
-            continue
-        if not isinstance(item, dict):
-            raise ValueError(f'{price_id}: must be an object {{"name": ..., "credits": ...}}')
-        unknown = sorted(set(item) - {"name", "credits"})
-        if unknown:
-            raise ValueError(f"{price_id}: unknown field(s) {', '.join(unknown)} (only name and credits)")
-        name, credits = item.get("name"), item.get("credits")
-        if not isinstance(name, str) or not name.strip() or len(name) > 100:
-            raise ValueError(f"{price_id}: name must be a non-empty string of at most 100 characters")
-        if isinstance(credits, bool) or not isinstance(credits, int) or credits <= 0:
-            raise ValueError(f"{price_id}: credits must be a whole number above 0")
+    packs: Mapping[str, CatalogueItem]
+    plans: Mapping[str, CatalogueItem]
+
+
+def _price_id(value: str) -> str:
+    if not value.startswith("price_"):
+        hint = " (that is a product id: use the price's id, price_...)" if value.startswith("prod_") else ""
+        raise ValueError(f"{value!r} is not a Stripe price id (price_...){hint}")
     return value
+
+
+# CREDIT_PACKS / SUBSCRIPTION_PLANS: Stripe price id -> what it sells. A mistake names the price and the field.
+PriceList = dict[Annotated[str, AfterValidator(_price_id)], CatalogueItem]
 
 
 class Settings(BaseSettings):
@@ -78,14 +74,14 @@ class Settings(BaseSettings):
     db_host: str | None = None
     db_port: int = Field(5432, ge=1, le=65535)
     db_name: str | None = None
-    # "queue": a real pool (the default). "null": a new connection per request, the original design,
-    # kept only as the benchmark's baseline; it is several times slower.
-    db_pool_mode: Literal["queue", "null"] = "queue"
-    # Per worker: the hot paths' pool of asyncpg connections, and SQLAlchemy's pool for the ORM sessions.
-    db_pool_size: int = Field(20, ge=1)
+    # Per process (gunicorn worker), the connection budget is DB_POOL_SIZE + DB_SESSION_POOL_SIZE: asyncpg's
+    # pool for the hot paths, and SQLAlchemy's pool for the ORM sessions. 15 by default, so 2 instances of
+    # 2 workers stay within a small Supabase project's 60 direct connections.
+    db_pool_size: int = Field(10, ge=1)
     db_session_pool_size: int = Field(5, ge=1)
-    db_max_overflow: int = Field(0, ge=0)
     db_pool_timeout: float = Field(10.0, gt=0)
+    # A pooled connection unused this long is closed (seconds; 0 keeps idle connections open).
+    db_pool_idle_lifetime: float = Field(300.0, ge=0)
     db_connect_timeout: float = Field(5.0, gt=0)
     db_statement_timeout_ms: int = Field(15_000, ge=0)
     # None: on when the port is Supabase's transaction pooler port.
@@ -124,8 +120,8 @@ class Settings(BaseSettings):
     stripe_timeout: float = Field(10.0, gt=0, le=120)
     stripe_max_network_retries: int = Field(2, ge=0, le=5)
     # Price id -> {"name", "credits"}: one-time credit packs, and monthly plans (credits per paid invoice).
-    credit_packs: Annotated[dict[str, CatalogueItem], NoDecode] = Field(default_factory=dict)
-    subscription_plans: Annotated[dict[str, CatalogueItem], NoDecode] = Field(default_factory=dict)
+    credit_packs: Annotated[PriceList, NoDecode] = Field(default_factory=dict)
+    subscription_plans: Annotated[PriceList, NoDecode] = Field(default_factory=dict)
     # Embedded PostgreSQL data and the generated development secret live here (git-ignored).
     data_dir: Path = PROJECT_ROOT / ".picads"
 
@@ -158,8 +154,17 @@ class Settings(BaseSettings):
 
     @field_validator("credit_packs", "subscription_plans", mode="before")
     @classmethod
-    def _catalogue(cls, value: Any) -> Any:
-        return _parse_catalogue(value)
+    def _catalogue_json(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return {}
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'must be a JSON object, e.g. {"price_123": {"name": "Starter pack", "credits": 500}}'
+                ) from None
+        return value
 
     @field_validator("stripe_secret_key", "stripe_webhook_secret", mode="before")
     @classmethod
@@ -233,6 +238,15 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return Catalogue(self.credit_packs, self.subscription_plans)
+
+    @property
+    def connection_budget(self) -> int:
+        """Database connections one process may open at most: both pools together."""
+        return self.db_pool_size + self.db_session_pool_size
 
     @property
     def database_configured(self) -> bool:
@@ -329,6 +343,7 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def _explain(error: Any) -> str:
-    location = ".".join(str(part) for part in error.get("loc", ()) if part)
+    setting, *within = [str(part) for part in error.get("loc", ()) if part and part != "[key]"] or [""]
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-    return f"{location.upper()}: {message}" if location else message
+    where = ": ".join([setting.upper(), *within]) if setting else ""
+    return f"{where}: {message}" if where else message

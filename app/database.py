@@ -1,4 +1,5 @@
-"""The async engine, its sessions, and the embedded PostgreSQL used when no database is configured."""
+"""Connections: SQLAlchemy's engine and sessions, asyncpg's pool for the hot paths, the request's transaction
+on either, migrations, and the embedded PostgreSQL used when no database is configured."""
 
 from __future__ import annotations
 
@@ -6,31 +7,34 @@ import asyncio
 import logging
 import time
 import warnings
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol, cast
 from uuid import uuid4
 
 import asyncpg
 from alembic import command
 from alembic.config import Config
-from fastapi import Depends, HTTPException, Request
+from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.config import Settings, split_sslmode
-from app.errors import DATABASE_UNAVAILABLE, AppError, ServiceUnavailable, is_connection_failure
+from app.errors import AppError, DatabaseUnavailable, is_connection_failure
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE = "picads"
+# A pooled connection unused for longer than this is pinged before use: one the network lost silently
+# (no FIN, no RST) would otherwise fail the request that draws it. One in constant use is known to be alive.
+IDLE_PING_SECONDS = 2.0
+# Any fixed number; it keeps two deploys (or two dev processes) from migrating at once.
+MIGRATION_LOCK_ID = 0x70696361
 
 
 def start_embedded_postgres(data_dir: Path, database: str = EMBEDDED_DATABASE, *, keep_running: bool = True) -> URL:
@@ -65,48 +69,43 @@ def resolve_database_url(settings: Settings) -> URL:
     return start_embedded_postgres(settings.data_dir)
 
 
-def _connect_args(settings: Settings, url: URL) -> tuple[URL, dict[str, Any]]:
-    """The URL without `sslmode`, and the arguments for `asyncpg.connect` shared by both pools."""
-    url, connect_args = split_sslmode(url)
-    connect_args["timeout"] = settings.db_connect_timeout
+def connect_arguments(settings: Settings, url: URL) -> tuple[URL, dict[str, Any]]:
+    """The URL without `sslmode`, and the arguments for `asyncpg.connect` that both pools share."""
+    url, arguments = split_sslmode(url)
+    arguments["timeout"] = settings.db_connect_timeout
     server_settings = {"application_name": "picads-backend"}
     if settings.db_statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
-    connect_args["server_settings"] = server_settings
+    arguments["server_settings"] = server_settings
     if settings.pooler_mode_for(url):
         # A transaction pooler hands each transaction to any server connection, where our named
         # prepared statements do not exist: no statement cache.
-        connect_args["statement_cache_size"] = 0
-    return url, connect_args
+        arguments["statement_cache_size"] = 0
+    return url, arguments
+
+
+# --- SQLAlchemy: the ORM sessions -----------------------------------------------------------------------------
 
 
 def create_engine(settings: Settings, url: URL) -> AsyncEngine:
-    """The SQLAlchemy engine behind the ORM sessions: profile changes, billing, the admin routes."""
-    url, connect_args = _connect_args(settings, url)
+    """The engine behind the ORM sessions (profile changes, billing, admin), pooled up to DB_SESSION_POOL_SIZE."""
+    url, arguments = connect_arguments(settings, url)
     if settings.pooler_mode_for(url):  # SQLAlchemy's own statement cache, and unique statement names
-        connect_args["prepared_statement_cache_size"] = 0
-        connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
-    if settings.db_pool_mode == "null":
-        return create_async_engine(url, poolclass=NullPool, connect_args=connect_args)
+        arguments["prepared_statement_cache_size"] = 0
+        arguments["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
     engine = create_async_engine(
         url,
         pool_size=settings.db_session_pool_size,
-        max_overflow=settings.db_max_overflow,
+        max_overflow=0,
         pool_timeout=settings.db_pool_timeout,
-        connect_args=connect_args,
+        connect_args=arguments,
     )
     _ping_idle_connections(engine)
     return engine
 
 
-# A pooled connection unused for longer than this is pinged before use.
-IDLE_PING_SECONDS = 2.0
-
-
 def _ping_idle_connections(engine: AsyncEngine) -> None:
-    """`pool_pre_ping`, but only for connections that sat idle: under load every request would otherwise
-    pay one extra round trip, while a connection in constant use is known to be alive. A connection the
-    server closed (a restart) is known without a ping: asyncpg marks it closed."""
+    """`pool_pre_ping`, but only for connections that sat idle (see IDLE_PING_SECONDS)."""
 
     @event.listens_for(engine.sync_engine, "checkin")
     def _checked_in(_: Any, record: ConnectionPoolEntry) -> None:
@@ -130,6 +129,182 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+@asynccontextmanager
+async def session_transaction(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """The request's one transaction: committed when the route returns (before the response is sent),
+    rolled back on any exception. Services only flush."""
+    async with factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+class Queries(Protocol):
+    """What the services need of a connection: an asyncpg connection has it, and so does SessionQueries."""
+
+    async def fetch(self, query: str, *args: object) -> Sequence[Mapping[str, Any]]: ...
+
+    async def fetchrow(self, query: str, *args: object) -> Mapping[str, Any] | None: ...
+
+    async def fetchval(self, query: str, *args: object) -> Any: ...
+
+
+class SessionQueries:
+    """A session's connection spoken to as asyncpg speaks ($1 parameters, rows by column name), inside the
+    session's transaction: the statements both kinds of connection run are written once (services/queries)."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def fetch(self, query: str, *args: object) -> Sequence[Mapping[str, Any]]:
+        connection = await self.session.connection()
+        rows = (await connection.exec_driver_sql(query, args)).mappings().all()
+        return cast(Sequence[Mapping[str, Any]], rows)  # keyed by column name: these are plain SQL statements
+
+    async def fetchrow(self, query: str, *args: object) -> Mapping[str, Any] | None:
+        rows = await self.fetch(query, *args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, query: str, *args: object) -> Any:
+        row = await self.fetchrow(query, *args)
+        return next(iter(row.values())) if row is not None else None
+
+
+# --- asyncpg: the hot paths -----------------------------------------------------------------------------------
+
+
+class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, knowing when it was last put back in the pool (for the idle ping)."""
+
+    __slots__ = ("released_at",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.released_at = time.monotonic()
+
+
+class StaleConnection(Exception):
+    """An idle pooled connection did not answer its ping; asyncpg closed it, and a checkout tries again."""
+
+
+async def open_driver_pool(settings: Settings, url: URL) -> asyncpg.Pool:
+    """asyncpg's pool for the hot paths: up to DB_POOL_SIZE connections, opened on demand (so the app starts
+    while the database is still down), closed after DB_POOL_IDLE_LIFETIME unused."""
+    url, arguments = connect_arguments(settings, url)
+    _, from_url = url.get_dialect()().create_connect_args(url)  # host, port, user, password, database
+    # A connect or a ping never outlasts a checkout's deadline on its own.
+    ping_timeout = arguments["timeout"] = min(settings.db_connect_timeout, settings.db_pool_timeout)
+
+    async def ping_if_idle(connection: PooledConnection) -> None:
+        if time.monotonic() - connection.released_at < IDLE_PING_SECONDS:
+            return
+        try:
+            await connection.execute("SELECT 1", timeout=ping_timeout)
+        except BaseException as exc:  # a cancelled ping too: asyncpg would then wait to close it gracefully
+            connection.terminate()
+            if isinstance(exc, Exception):
+                raise StaleConnection from exc
+            raise
+
+    async def mark_released(connection: PooledConnection) -> None:
+        # Instead of asyncpg's default reset (RESET ALL, UNLISTEN, CLOSE ALL, advisory unlocks: one round trip
+        # per request): our statements leave no session state behind, and asyncpg itself rolls back an open
+        # transaction before calling this.
+        connection.released_at = time.monotonic()
+
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        **{**from_url, **arguments},
+        min_size=0,
+        max_size=settings.db_pool_size,
+        max_inactive_connection_lifetime=settings.db_pool_idle_lifetime,
+        connection_class=PooledConnection,
+        setup=ping_if_idle,
+        reset=mark_released,
+    )
+    return pool
+
+
+async def checkout(pool: asyncpg.Pool, max_wait: float) -> asyncpg.Connection:
+    """A connection from the pool within one deadline for waiting, connecting and pinging; else 503.
+
+    With a connection idle in the pool nothing waits, and its one ping or reconnect has its own timeout within
+    the deadline: the deadline's timer is only armed when that fails or every connection is taken."""
+    deadline = asyncio.get_running_loop().time() + max_wait
+    try:
+        if pool.get_idle_size():
+            try:
+                return await pool.acquire()
+            except StaleConnection:
+                pass  # its slot is free again: wait for another within what is left of the deadline
+        async with asyncio.timeout_at(deadline):
+            while True:
+                try:
+                    return await pool.acquire()
+                except StaleConnection:
+                    continue
+    except Exception as exc:
+        if is_connection_failure(exc) or isinstance(exc, asyncpg.InterfaceError):  # incl. "pool is closing"
+            raise DatabaseUnavailable from exc
+        raise
+
+
+# Answers we chose (402, 404, 422...) and errors PostgreSQL reported: the connection is still in a known state
+# (its transaction was rolled back) and can serve the next request.
+_CLEAN_FAILURES = (AppError, HTTPException, RequestValidationError, asyncpg.PostgresError)
+
+
+@asynccontextmanager
+async def driver_transaction(pool: asyncpg.Pool, max_wait: float, *, read_only: bool) -> AsyncIterator[Any]:
+    """The request's driver connection, with the session's contract: one transaction, committed when the route
+    returns (before the response is sent) and rolled back on any error. Reads run without one (two round trips
+    fewer). A request that failed any other way (mid-protocol, cancelled) never returns its connection."""
+    connection = await checkout(pool, max_wait)
+    reusable = False
+    try:
+        if read_only:
+            yield connection
+        else:
+            async with connection.transaction():
+                yield connection
+        reusable = True
+    except Exception as exc:
+        # Lost even between two statements, which asyncpg reports as a protocol error on the next one.
+        lost = is_connection_failure(exc) or not _still_open(connection)
+        reusable = not lost and isinstance(exc, _CLEAN_FAILURES)
+        if lost:
+            raise DatabaseUnavailable from exc
+        raise
+    finally:
+        if not reusable and _still_open(connection):
+            connection.terminate()
+        await pool.release(connection)
+
+
+def _still_open(connection: asyncpg.Connection) -> bool:
+    try:
+        return not connection.is_closed()
+    except asyncpg.InterfaceError:  # closed, and already taken back from its proxy by the pool
+        return False
+
+
+async def close_driver_pool(pool: asyncpg.Pool, grace: float) -> None:
+    """Wait up to `grace` seconds for checkouts in flight to come back, then close every connection; a
+    checkout arriving meanwhile gets a 503."""
+    try:
+        await asyncio.wait_for(pool.close(), grace)
+    except TimeoutError:
+        logger.warning("database connections still in use after %gs at shutdown: closed", grace)
+        pool.terminate()
+
+
+# --- Health and migrations ------------------------------------------------------------------------------------
+
+
 async def database_is_up(engine: AsyncEngine) -> bool:
     try:
         async with engine.connect() as connection:
@@ -138,10 +313,6 @@ async def database_is_up(engine: AsyncEngine) -> bool:
         logger.warning("database check failed", exc_info=False)
         return False
     return True
-
-
-# Any fixed number; it keeps two deploys (or two dev processes) from migrating at once.
-MIGRATION_LOCK_ID = 0x70696361
 
 
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
@@ -159,207 +330,3 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
         # give up instead (the deploy fails and can be retried), never stall the service.
         await connection.execute(text("SET LOCAL lock_timeout = '10s'"))
         await connection.run_sync(upgrade)
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """The request's one transaction: committed when the route returns (before the response is sent),
-    rolled back on any exception. Services only flush."""
-    factory: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    async with factory() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
-
-
-# scope="function": commit before the response goes out, so a failed commit is never answered with 2xx.
-SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
-
-
-def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
-    factory: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    return factory
-
-
-# For the rare request that must not hold one transaction throughout (one that waits on Stripe).
-SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
-
-
-class DriverConnections(Protocol):
-    """Where the hot paths get their asyncpg connection: `DriverPool`, or one connection per request."""
-
-    async def acquire(self) -> asyncpg.Connection: ...
-
-    async def release(self, connection: asyncpg.Connection, *, reusable: bool) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class DriverPool:
-    """A last-in-first-out pool of asyncpg connections for the hot paths (reading the profile, spending credits).
-
-    Connections open on demand, up to DB_POOL_SIZE, and stay open. At checkout, one the server closed is
-    dropped, and one idle for IDLE_PING_SECONDS is pinged first (as the session pool does), so a connection
-    that died silently never fails a request. A checkout that finds every connection taken waits at most
-    DB_POOL_TIMEOUT, then fails (503).
-
-    Our own rather than SQLAlchemy's or asyncpg's: a checkout here is a list pop and a checkin a list append.
-    SQLAlchemy's pool switches greenlets twice per checkout, and asyncpg's spends a task, timers and a reset
-    per checkin; on this path either one cost a tenth of a request's CPU.
-    """
-
-    def __init__(self, settings: Settings, url: URL) -> None:
-        url, connect_args = _connect_args(settings, url)
-        _, from_url = url.get_dialect()().create_connect_args(url)
-        self.connect_args = {**from_url, **connect_args}
-        self.size = settings.db_pool_size
-        self.timeout = settings.db_pool_timeout
-        self.ping_timeout = settings.db_connect_timeout
-        self.idle_ping_seconds = IDLE_PING_SECONDS
-        self.idle: list[tuple[asyncpg.Connection, float]] = []  # with the time each was put back
-        self.opened = 0  # connections open or opening, idle or checked out
-        # Checkouts waiting for a connection: each gets one, or None when a slot frees up to open a new one.
-        self.waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
-        self.closed = False
-
-    async def acquire(self) -> asyncpg.Connection:
-        while self.idle:
-            connection, since = self.idle.pop()
-            if not connection.is_closed() and (
-                time.monotonic() - since < self.idle_ping_seconds or await self._answers(connection)
-            ):
-                return connection
-            connection.terminate()
-            self.opened -= 1
-        if self.opened < self.size:
-            return await self._connect()
-        waiter: asyncio.Future[asyncpg.Connection | None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        try:
-            async with asyncio.timeout(self.timeout):
-                handed = await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():  # handed something just as we gave up: pass it on
-                late = waiter.result()
-                if late is None:
-                    self._hand_over(None)
-                else:
-                    await self.release(late, reusable=True)
-            raise
-        finally:
-            if waiter in self.waiters:
-                self.waiters.remove(waiter)
-        return handed if handed is not None else await self._connect()
-
-    async def _answers(self, connection: asyncpg.Connection) -> bool:
-        try:
-            await connection.execute("SELECT 1", timeout=self.ping_timeout)
-        except Exception:  # any failure: the caller replaces it
-            return False
-        return True
-
-    async def _connect(self) -> asyncpg.Connection:
-        self.opened += 1
-        try:
-            connection: asyncpg.Connection = await asyncpg.connect(**self.connect_args)
-        except BaseException:
-            self.opened -= 1
-            self._hand_over(None)
-            raise
-        return connection
-
-    async def release(self, connection: asyncpg.Connection, *, reusable: bool) -> None:
-        """Put a connection back. One that is not `reusable` (its request failed in a way that leaves its
-        protocol state unknown, or was cancelled mid-query) is closed, and its slot freed."""
-        if reusable and not self.closed and not connection.is_closed() and not connection.is_in_transaction():
-            if not self._hand_over(connection):
-                self.idle.append((connection, time.monotonic()))
-            return
-        connection.terminate()
-        self.opened -= 1
-        self._hand_over(None)
-
-    def _hand_over(self, connection: asyncpg.Connection | None) -> bool:
-        """Give a connection (or a free slot) to the longest waiting checkout, if any."""
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(connection)
-                return True
-        return False
-
-    async def close(self) -> None:
-        self.closed = True
-        idle, self.idle = self.idle, []
-        await asyncio.gather(*(connection.close() for connection, _ in idle), return_exceptions=True)
-
-
-class ConnectionPerRequest:
-    """The benchmark's baseline (DB_POOL_MODE=null): a new connection for every request, from the engine's
-    NullPool, as in the original design."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self.open_connections: dict[int, PoolProxiedConnection] = {}
-
-    async def acquire(self) -> asyncpg.Connection:
-        pooled = await self.engine.raw_connection()
-        connection: asyncpg.Connection = pooled.driver_connection
-        self.open_connections[id(connection)] = pooled
-        return connection
-
-    async def release(self, connection: asyncpg.Connection, *, reusable: bool) -> None:
-        if not reusable:
-            connection.terminate()
-        await greenlet_spawn(self.open_connections.pop(id(connection)).close)
-
-    async def close(self) -> None:
-        pass
-
-
-def open_driver_connections(settings: Settings, url: URL, engine: AsyncEngine) -> DriverConnections:
-    if settings.db_pool_mode == "null":
-        return ConnectionPerRequest(engine)
-    return DriverPool(settings, url)
-
-
-# Answers we chose (402, 404, 422...) and errors PostgreSQL reported: the connection is still in a known state
-# (its transaction was rolled back) and can serve the next request.
-_CLEAN_FAILURES = (AppError, HTTPException, RequestValidationError, asyncpg.PostgresError)
-
-
-@asynccontextmanager
-async def pooled_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
-    """The request's driver connection, for the hot paths: plain SQL without the ORM's per-request
-    bookkeeping, which costs several times the query itself. The contract is the session's: one
-    transaction, committed when the block ends (before the response is sent) and rolled back on any
-    error; GET and HEAD run without one.
-
-    A context manager in the route rather than a dependency: FastAPI's machinery for a dependency with
-    `yield` costs more CPU than this whole block."""
-    connections: DriverConnections = request.app.state.driver_connections
-    try:
-        connection = await connections.acquire()
-    except Exception as exc:  # the driver's own error types, not wrapped by SQLAlchemy on this path
-        if is_connection_failure(exc):
-            raise ServiceUnavailable(DATABASE_UNAVAILABLE) from exc
-        raise
-    reusable = False  # until the block ends cleanly: after anything else (even a cancellation) it is closed
-    try:
-        if request.method in {"GET", "HEAD"}:  # reads: no BEGIN/COMMIT, two round trips fewer
-            yield connection
-        else:
-            async with connection.transaction():
-                yield connection
-        reusable = True
-    except Exception as exc:
-        # Lost even between two statements, which asyncpg reports as a protocol error on the next one.
-        lost = connection.is_closed() or is_connection_failure(exc)
-        reusable = not lost and isinstance(exc, _CLEAN_FAILURES)
-        if lost:
-            raise ServiceUnavailable(DATABASE_UNAVAILABLE) from exc
-        raise
-    finally:
-        await connections.release(connection, reusable=reusable)

@@ -1,9 +1,11 @@
-"""Errors the API answers with: each carries its HTTP status; one handler turns them into JSON."""
+"""Errors the API answers with. Each carries its HTTP status and says what happened; one handler turns any of
+them into `{"detail": ...}`. The domain errors live next to the service that raises them and derive from the
+status classes here."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import asyncpg
@@ -23,13 +25,13 @@ class AppError(Exception):
     default_detail: ClassVar[str] = "internal error"
 
     def __init__(
-        self, detail: Any = None, headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None
+        self, detail: str | None = None, *, headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None
     ) -> None:
         self.detail = detail if detail is not None else self.default_detail
         self.headers = headers
         # Machine-readable fields answered beside `detail` (e.g. the balance on a 402).
         self.extra = extra or {}
-        super().__init__(str(self.detail))
+        super().__init__(self.detail)
 
 
 class BadRequest(AppError):
@@ -85,7 +87,19 @@ class ServiceUnavailable(AppError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
-DATABASE_UNAVAILABLE = "database unavailable, try again shortly"
+class DatabaseUnavailable(ServiceUnavailable):
+    default_detail = "database unavailable, try again shortly"
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, then what caused it, down the chain: SQLAlchemy's `orig`, `__cause__`, `__context__`."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        yield current
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
 
 
 _CONNECTION_FAILURES = (
@@ -99,18 +113,14 @@ _CONNECTION_FAILURES = (
 
 
 def is_connection_failure(exc: BaseException) -> bool:
-    """True when the database could not be reached (as opposed to a bug in a query)."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    seen: BaseException | None = exc
-    for _ in range(5):  # SQLAlchemy wraps the driver's exception; walk a few causes down
-        if seen is None:
-            return False
-        if isinstance(seen, _CONNECTION_FAILURES):
+    """True when the database could not be reached (as opposed to a bug in a query), anywhere in the chain."""
+    for error in exception_chain(exc):
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
             return True
-        if isinstance(seen, asyncpg.InterfaceError) and "connection is closed" in str(seen):
+        if isinstance(error, _CONNECTION_FAILURES):
             return True
-        seen = seen.__cause__ or seen.__context__
+        if isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error):
+            return True
     return False
 
 
@@ -123,7 +133,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     if not is_connection_failure(exc):
         raise exc
     logger.warning("database unreachable during %s %s: %s", request.method, request.url.path, type(exc).__name__)
-    return JSONResponse({"detail": DATABASE_UNAVAILABLE}, status_code=503, headers={"Retry-After": "5"})
+    return await _app_error(request, DatabaseUnavailable())
 
 
 def _method_not_allowed(routes: Sequence[APIRoute]) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:

@@ -9,27 +9,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from app.errors import Forbidden
-
 FULL_NAME_MAX = 200
-# Fields a user can never set themselves: credits move through the ledger, billing through Stripe.
-PROTECTED_PROFILE_FIELDS = frozenset(
-    {
-        "id",
-        "credits",
-        "stripe_customer_id",
-        "subscription_id",
-        "subscription_status",
-        "subscription_price_id",
-        "subscription_current_period_end",
-        "subscription_cancel_at_period_end",
-        "subscription_event_at",
-        "created_at",
-        "updated_at",
-    }
-)
-
-
 REASON_MAX = 200
 SPEND_MAX = 1_000_000
 
@@ -106,14 +86,10 @@ class ProfileOut(BaseModel):
 
 
 class _ProfileInput(BaseModel):
-    """What a user may send about their profile: unknown fields are 422, protected ones 403."""
+    """What a user may send about their profile: unknown fields are 422 (protected ones are refused with 403
+    before this model sees them, by the route's dependency)."""
 
     model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_protected(cls, data: Any) -> Any:
-        return _refuse_protected_fields(data)
 
 
 class ProfileCreate(_ProfileInput):
@@ -122,15 +98,6 @@ class ProfileCreate(_ProfileInput):
 
 class ProfileUpdate(_ProfileInput):
     full_name: FullName | None = Field(description="The new display name, or null to clear it")
-
-
-def _refuse_protected_fields(data: Any) -> Any:
-    # Raised as a 403 (not a 422): the request is well-formed but asks for something not allowed.
-    if isinstance(data, dict):
-        protected = sorted(PROTECTED_PROFILE_FIELDS.intersection(data))
-        if protected:
-            raise Forbidden(f"{', '.join(protected)} cannot be set by a user")
-    return data
 
 
 def _number_not_text(value: Any) -> Any:

@@ -149,7 +149,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def engine(app: FastAPI) -> AsyncEngine:
     """The application's own engine, for looking at what a request left in the database."""
-    result: AsyncEngine = app.state.engine
+    result: AsyncEngine = app.state.resources.engine
     return result
 
 
@@ -159,7 +159,7 @@ async def _clean_database(request: pytest.FixtureRequest) -> AsyncIterator[None]
     if "app" not in request.fixturenames:
         return
     application: FastAPI = request.getfixturevalue("app")
-    async with application.state.engine.begin() as connection:
+    async with application.state.resources.engine.begin() as connection:
         tables = await connection.scalars(
             text(
                 "SELECT quote_ident(tablename) FROM pg_tables "

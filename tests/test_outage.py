@@ -65,7 +65,7 @@ async def test_spends_under_load_survive_the_database_restarting(tmp_path: Path)
             assert (await http.get("/health")).status_code == 200
             assert answers[-1][1] == 200
 
-        async with AsyncSession(application.state.engine) as session:
+        async with AsyncSession(application.state.resources.engine) as session:
             assert await find_ledger_mismatches(session) == []
             for user in users:
                 balance = await session.scalar(text("SELECT credits FROM profiles WHERE id = :id"), {"id": user})

@@ -1,50 +1,22 @@
 """Billing: the catalogue, Stripe Checkout, the customer portal, and Stripe's webhook."""
 
-from typing import Annotated
+from fastapi import APIRouter
 
-import stripe
-from fastapi import APIRouter, Depends, Header, Request
-
-from app.auth import CurrentUser
-from app.config import CatalogueItem, Settings
-from app.database import SessionDep, SessionFactoryDep
-from app.errors import ServiceUnavailable
+from app.config import CatalogueItem
+from app.deps import CurrentUser, SessionDep, SessionFactoryDep, SettingsDep, StripeDep, VerifiedEvent
 from app.routes.responses import errors
-from app.schemas import (
-    CatalogueEntryOut,
-    CheckoutOut,
-    CheckoutRequest,
-    ErrorResponse,
-    PlansOut,
-    PortalOut,
-    WebhookOut,
-)
-from app.services import billing
+from app.schemas import CatalogueEntryOut, CheckoutOut, CheckoutRequest, ErrorResponse, PlansOut, PortalOut, WebhookOut
+from app.services.billing import checkout as billing
+from app.services.billing.events import WebhookContext
+from app.services.billing.handlers import HANDLED_EVENTS
+from app.services.billing.webhook import process_event
 
 router = APIRouter(tags=["billing"])
 webhook_router = APIRouter(tags=["webhook"])
 
 
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _stripe(request: Request) -> stripe.StripeClient:
-    connection: billing.StripeConnection | None = request.app.state.stripe
-    if connection is None:
-        raise ServiceUnavailable(billing.STRIPE_NOT_CONFIGURED, retry_after=3600)
-    return connection.client
-
-
-SettingsDep = Annotated[Settings, Depends(_settings)]
-StripeDep = Annotated[stripe.StripeClient, Depends(_stripe)]
-
-
-def _entries(catalogue: dict[str, CatalogueItem]) -> list[CatalogueEntryOut]:
-    return [
-        CatalogueEntryOut(price_id=price, name=item.name, credits=item.credits) for price, item in catalogue.items()
-    ]
+def _entries(items: dict[str, CatalogueItem]) -> list[CatalogueEntryOut]:
+    return [CatalogueEntryOut(price_id=price, name=item.name, credits=item.credits) for price, item in items.items()]
 
 
 @router.get("/billing/plans", summary="Credit packs and subscription plans for sale")
@@ -70,7 +42,15 @@ async def plans(settings: SettingsDep) -> PlansOut:
 async def checkout(
     user: CurrentUser, sessions: SessionFactoryDep, settings: SettingsDep, client: StripeDep, body: CheckoutRequest
 ) -> CheckoutOut:
-    url, session_id = await billing.create_checkout(sessions, client, settings, user, body.price_id)
+    url, session_id = await billing.create_checkout(
+        sessions,
+        client,
+        settings.catalogue,
+        settings.billing_return_base,
+        user,
+        settings.signup_credits,
+        body.price_id,
+    )
     return CheckoutOut(url=url, session_id=session_id)
 
 
@@ -81,7 +61,7 @@ async def checkout(
     responses=errors(401, 403, 404, 502, 503),
 )
 async def portal(user: CurrentUser, sessions: SessionFactoryDep, settings: SettingsDep, client: StripeDep) -> PortalOut:
-    return PortalOut(url=await billing.create_portal(sessions, client, settings, user.id))
+    return PortalOut(url=await billing.create_portal(sessions, client, settings.billing_return_base, user.id))
 
 
 @webhook_router.post(
@@ -89,7 +69,7 @@ async def portal(user: CurrentUser, sessions: SessionFactoryDep, settings: Setti
     summary="Stripe events (called by Stripe)",
     description=(
         "Verifies `Stripe-Signature` on the raw body, then applies the event once: a repeated delivery answers 200 "
-        "and changes nothing. Handled: " + ", ".join(f"`{name}`" for name in billing.HANDLED_EVENTS) + "; other "
+        "and changes nothing. Handled: " + ", ".join(f"`{name}`" for name in HANDLED_EVENTS) + "; other "
         "types are acknowledged and ignored. A 5xx makes Stripe retry."
     ),
     responses={
@@ -97,15 +77,7 @@ async def portal(user: CurrentUser, sessions: SessionFactoryDep, settings: Setti
         **errors(413, 503),
     },
 )
-async def webhook(
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    stripe_signature: Annotated[str | None, Header(alias="Stripe-Signature")] = None,
-) -> WebhookOut:
-    if settings.stripe_webhook_secret is None:
-        raise ServiceUnavailable(billing.WEBHOOK_NOT_CONFIGURED, retry_after=3600)
-    payload = await request.body()
-    event = billing.verify_event(payload, stripe_signature, settings.stripe_webhook_secret.get_secret_value())
-    result = await billing.process_event(session, settings, event)
+async def webhook(event: VerifiedEvent, session: SessionDep, settings: SettingsDep) -> WebhookOut:
+    context = WebhookContext(session, settings.catalogue, settings.signup_credits)
+    result = await process_event(context, event)
     return WebhookOut(duplicate=result.duplicate, outcome=result.outcome)

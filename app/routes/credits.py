@@ -3,16 +3,15 @@
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query
 
-from app.auth import CurrentUser, ServiceRole
-from app.database import SessionDep, pooled_connection
+from app.deps import CurrentUser, Db, DbRoute, ServiceRole
 from app.routes.responses import errors
 from app.schemas import AdjustmentRequest, BalanceChangeOut, CreditEntryOut, PageQuery, SpendRequest, TransactionsOut
 from app.services import credits
 
-router = APIRouter(tags=["credits"])
-admin_router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["credits"], route_class=DbRoute)
+admin_router = APIRouter(tags=["admin"], route_class=DbRoute)
 
 IdempotencyKey = Annotated[
     str | None,
@@ -25,8 +24,8 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _change(entry: credits.Entry) -> BalanceChangeOut:
-    return BalanceChangeOut(balance=entry.balance_after, entry=CreditEntryOut.model_validate(entry))
+def _change(entry: CreditEntryOut) -> BalanceChangeOut:
+    return BalanceChangeOut(balance=entry.balance_after, entry=entry)
 
 
 @router.post(
@@ -36,25 +35,18 @@ def _change(entry: credits.Entry) -> BalanceChangeOut:
     responses=errors(400, 401, 402, 403, 404, 409, 413, 422, 503),
 )
 async def spend(
-    user: CurrentUser, request: Request, body: SpendRequest, idempotency_key: IdempotencyKey = None
+    user: CurrentUser, db: Db, body: SpendRequest, idempotency_key: IdempotencyKey = None
 ) -> BalanceChangeOut:
-    async with pooled_connection(request) as connection:
-        entry = await credits.spend(connection, user.id, body.amount, body.reason, idempotency_key)
-    return _change(entry)
+    return _change(await credits.spend(db, user.id, body.amount, body.reason, idempotency_key))
 
 
 @router.get("/credits/transactions", summary="Your ledger, newest first", responses=errors(401, 403, 422, 503))
-async def transactions(
-    user: CurrentUser,
-    request: Request,
-    page_query: Annotated[PageQuery, Query()],
-) -> TransactionsOut:
+async def transactions(user: CurrentUser, db: Db, page_query: Annotated[PageQuery, Query()]) -> TransactionsOut:
     limit = page_query.limit
-    async with pooled_connection(request) as connection:
-        entries = await credits.list_entries(connection, user.id, limit + 1, page_query.before)
+    entries = await credits.list_entries(db, user.id, limit + 1, page_query.before)
     page = entries[:limit]
     next_cursor = page[-1].id if len(entries) > limit else None
-    return TransactionsOut(entries=[CreditEntryOut.model_validate(e) for e in page], next_cursor=next_cursor)
+    return TransactionsOut(entries=page, next_cursor=next_cursor)
 
 
 @admin_router.post(
@@ -63,6 +55,5 @@ async def transactions(
     description="Adds (or, negative, takes) credits with a reason recorded in the ledger; never below zero (402).",
     responses=errors(400, 401, 402, 403, 404, 413, 422, 503),
 )
-async def adjust(_: ServiceRole, session: SessionDep, user_id: UUID, body: AdjustmentRequest) -> BalanceChangeOut:
-    entry = await credits.adjust(session, user_id, body.amount, body.reason)
-    return _change(entry)
+async def adjust(_: ServiceRole, db: Db, user_id: UUID, body: AdjustmentRequest) -> BalanceChangeOut:
+    return _change(await credits.adjust(db, user_id, body.amount, body.reason))

@@ -1,10 +1,11 @@
 """Routes anyone may call."""
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
-from app.auth import OptionalPrincipal, User
+from app.auth import User
 from app.database import database_is_up
-from app.errors import DATABASE_UNAVAILABLE, ServiceUnavailable
+from app.deps import EngineDep, OptionalPrincipal
+from app.errors import DatabaseUnavailable
 from app.routes.responses import errors
 from app.schemas import HealthOut, Message, PublicDataOut
 
@@ -17,9 +18,9 @@ async def root() -> Message:
 
 
 @router.get("/health", summary="Liveness and database check", responses=errors(503))
-async def health(request: Request) -> HealthOut:
-    if not await database_is_up(request.app.state.engine):
-        raise ServiceUnavailable(DATABASE_UNAVAILABLE)
+async def health(engine: EngineDep) -> HealthOut:
+    if not await database_is_up(engine):
+        raise DatabaseUnavailable
     return HealthOut(status="ok", database="ok")
 
 
@@ -29,14 +30,11 @@ async def health(request: Request) -> HealthOut:
     responses=errors(401),
 )
 async def public_data(principal: OptionalPrincipal) -> PublicDataOut:
+    message = "Public data for everyone"
     if principal is None:
-        return PublicDataOut(message="Public data for everyone", authenticated=False)
+        return PublicDataOut(message=message, authenticated=False)
     if isinstance(principal, User):
         return PublicDataOut(
-            message="Public data for everyone",
-            authenticated=True,
-            user_id=principal.id,
-            email=principal.email,
-            role=principal.role,
+            message=message, authenticated=True, user_id=principal.id, email=principal.email, role=principal.role
         )
-    return PublicDataOut(message="Public data for everyone", authenticated=True, role=principal.role)
+    return PublicDataOut(message=message, authenticated=True, role=principal.role)

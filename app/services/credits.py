@@ -5,16 +5,28 @@ always equals the sum of its entries."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from uuid import UUID
 
-import asyncpg
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import Conflict, NotFound, PaymentRequired
+from app.database import Queries
+from app.errors import Conflict, PaymentRequired
 from app.models import CreditEntry, CreditKind, Profile
-from app.services.profiles import PROFILE_NOT_FOUND
+from app.schemas import CreditEntryOut
+from app.services.profiles import ProfileNotFound, lock_profile
+
+
+class InsufficientCredits(PaymentRequired):
+    def __init__(self, balance: int, requested: int) -> None:
+        super().__init__(
+            f"not enough credits: {balance} available, {requested} requested",
+            extra={"balance": balance, "requested": requested},
+        )
+
+
+class IdempotencyConflict(Conflict):
+    default_detail = "this Idempotency-Key was already used with a different request"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,22 +36,10 @@ class LedgerMismatch:
     ledger_sum: int
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A ledger row as the API shows it."""
-
-    id: int
-    amount: int
-    balance_after: int
-    kind: str
-    reference: str | None
-    note: str | None
-    created_at: datetime
-
-
+_ENTRY_COLUMNS = ", ".join(CreditEntryOut.model_fields)
 # Add $2 (negative to take) to the balance and record it, in one statement: nothing when the profile does
 # not exist or the balance would go below zero. The UPDATE's row lock serialises moves on one balance.
-MOVE_SQL = """
+_MOVE_SQL = f"""
 WITH moved AS (
     UPDATE profiles SET credits = credits + $2::integer
     WHERE id = $1 AND credits + $2::integer >= 0
@@ -47,107 +47,76 @@ WITH moved AS (
 )
 INSERT INTO credit_entries (profile_id, amount, balance_after, kind, reference, note)
 SELECT id, $2::integer, credits, $3::text, $4::text, $5::text FROM moved
-RETURNING id, amount, balance_after, kind, reference, note, created_at
-"""
-_LOCK_SQL = "SELECT credits FROM profiles WHERE id = $1 FOR UPDATE"
+RETURNING {_ENTRY_COLUMNS}
+"""  # noqa: S608 - column names from the schema
 _BALANCE_SQL = "SELECT credits FROM profiles WHERE id = $1"
-_KEYED_SPEND_SQL = """
-SELECT id, amount, balance_after, kind, reference, note, created_at FROM credit_entries
-WHERE profile_id = $1 AND kind = 'spend' AND reference = $2
-"""
+_KEYED_SPEND_SQL = f"""
+SELECT {_ENTRY_COLUMNS} FROM credit_entries WHERE profile_id = $1 AND kind = 'spend' AND reference = $2
+"""  # noqa: S608
+_GRANTED_SQL = "SELECT 1 FROM credit_entries WHERE kind = $1 AND reference = $2"
+_ENTRIES_SQL = f"""
+SELECT {_ENTRY_COLUMNS} FROM credit_entries WHERE profile_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3
+"""  # noqa: S608
+_NEWEST = 2**63 - 1  # above every entry id: the first page
 
 
-def _not_enough(balance: int, requested: int) -> PaymentRequired:
-    return PaymentRequired(
-        f"not enough credits: {balance} available, {requested} requested",
-        extra={"balance": balance, "requested": requested},
-    )
+async def move_balance(
+    db: Queries, user_id: UUID, amount: int, kind: CreditKind, reference: str | None, note: str | None
+) -> CreditEntryOut | None:
+    """Add `amount` (negative: take) and record it; None when the profile is missing or would go below zero."""
+    row = await db.fetchrow(_MOVE_SQL, user_id, amount, kind.value, reference, note)
+    return CreditEntryOut.model_validate(dict(row)) if row is not None else None
 
 
 async def spend(
-    connection: asyncpg.Connection, user_id: UUID, amount: int, reason: str | None, idempotency_key: str | None
-) -> Entry:
-    """Take `amount` credits (on the request's driver connection: this is the hot path).
-
-    With an idempotency key, a retry of the same request returns the first entry and charges nothing;
-    the same key with a different request is a conflict.
-    """
+    db: Queries, user_id: UUID, amount: int, reason: str | None, idempotency_key: str | None
+) -> CreditEntryOut:
+    """Take `amount` credits. With an idempotency key, a retry of the same request returns the first entry and
+    charges nothing; the same key with a different request is a conflict."""
     if idempotency_key is not None:
         # Serialise this user's keyed spends, so "already done?" and "do it" cannot interleave.
-        if await connection.fetchval(_LOCK_SQL, user_id) is None:
-            raise NotFound(PROFILE_NOT_FOUND)
-        earlier = await connection.fetchrow(_KEYED_SPEND_SQL, user_id, idempotency_key)
+        await lock_profile(db, user_id)
+        earlier = await db.fetchrow(_KEYED_SPEND_SQL, user_id, idempotency_key)
         if earlier is not None:
             if earlier["amount"] != -amount or earlier["note"] != reason:
-                raise Conflict("this Idempotency-Key was already used with a different request")
-            return Entry(**earlier)
-    moved = await connection.fetchrow(MOVE_SQL, user_id, -amount, CreditKind.SPEND.value, idempotency_key, reason)
-    if moved is not None:
-        return Entry(**moved)
-    balance = await connection.fetchval(_BALANCE_SQL, user_id)
+                raise IdempotencyConflict
+            return CreditEntryOut.model_validate(dict(earlier))
+    entry = await move_balance(db, user_id, -amount, CreditKind.SPEND, idempotency_key, reason)
+    if entry is not None:
+        return entry
+    balance = await db.fetchval(_BALANCE_SQL, user_id)
     if balance is None:
-        raise NotFound(PROFILE_NOT_FOUND)
-    raise _not_enough(balance, amount)
+        raise ProfileNotFound
+    raise InsufficientCredits(balance, amount)
 
 
-async def _move(
-    session: AsyncSession, user_id: UUID, amount: int, kind: CreditKind, reference: str | None, note: str | None
-) -> Entry | None:
-    """MOVE_SQL inside the session's transaction."""
-    connection = await session.connection()
-    result = await connection.exec_driver_sql(MOVE_SQL, (user_id, amount, kind.value, reference, note))
-    row = result.one_or_none()
-    return Entry(**row._asdict()) if row is not None else None
-
-
-async def _lock_profile(session: AsyncSession, user_id: UUID) -> int:
-    """Serialise changes to one balance, so an "already done?" check and the change cannot interleave
-    with a concurrent request doing the same; the balance, or 404."""
-    balance = await session.scalar(select(Profile.credits).where(Profile.id == user_id).with_for_update())
-    if balance is None:
-        raise NotFound(PROFILE_NOT_FOUND)
-    return balance
-
-
-async def adjust(session: AsyncSession, user_id: UUID, amount: int, reason: str) -> Entry:
+async def adjust(db: Queries, user_id: UUID, amount: int, reason: str) -> CreditEntryOut:
     """A service-role correction, signed, never taking the balance below zero."""
-    balance = await _lock_profile(session, user_id)
-    entry = await _move(session, user_id, amount, CreditKind.ADJUSTMENT, None, reason)
+    balance = await lock_profile(db, user_id)
+    entry = await move_balance(db, user_id, amount, CreditKind.ADJUSTMENT, None, reason)
     if entry is None:
-        raise _not_enough(balance, -amount)
+        raise InsufficientCredits(balance, -amount)
     return entry
 
 
 async def grant(
-    session: AsyncSession, user_id: UUID, amount: int, kind: CreditKind, reference: str, note: str | None = None
-) -> Entry | None:
-    """Credits paid for through Stripe, at most once per (kind, Stripe object id).
-
-    None when that object was already granted. The profile must exist.
-    """
-    await _lock_profile(session, user_id)
-    already = await session.scalar(
-        select(CreditEntry.id).where(CreditEntry.kind == kind.value, CreditEntry.reference == reference)
-    )
-    if already is not None:
+    db: Queries, user_id: UUID, amount: int, kind: CreditKind, reference: str, note: str | None = None
+) -> CreditEntryOut | None:
+    """Credits paid for through Stripe, at most once per (kind, Stripe object id); None when that object was
+    already granted. The profile must exist."""
+    await lock_profile(db, user_id)
+    if await db.fetchval(_GRANTED_SQL, kind.value, reference) is not None:
         return None
-    entry = await _move(session, user_id, amount, kind, reference, note)
+    entry = await move_balance(db, user_id, amount, kind, reference, note)
     if entry is None:
-        raise NotFound(PROFILE_NOT_FOUND)
+        raise ProfileNotFound
     return entry
 
 
-_ENTRIES_SQL = """
-SELECT id, amount, balance_after, kind, reference, note, created_at FROM credit_entries
-WHERE profile_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3
-"""
-_NEWEST = 2**63 - 1  # above every entry id: the first page
-
-
-async def list_entries(connection: asyncpg.Connection, user_id: UUID, limit: int, before: int | None) -> list[Entry]:
+async def list_entries(db: Queries, user_id: UUID, limit: int, before: int | None) -> list[CreditEntryOut]:
     """The user's entries, newest first, starting below the `before` cursor (an entry id)."""
-    rows = await connection.fetch(_ENTRIES_SQL, user_id, before or _NEWEST, limit)
-    return [Entry(**row) for row in rows]
+    rows = await db.fetch(_ENTRIES_SQL, user_id, before or _NEWEST, limit)
+    return [CreditEntryOut.model_validate(dict(row)) for row in rows]
 
 
 async def find_ledger_mismatches(session: AsyncSession) -> list[LedgerMismatch]:

@@ -1,0 +1,208 @@
+"""Every dependency routes use, as aliases, so a route's signature reads like a sentence:
+`user: CurrentUser, db: Db`. The app's long-lived resources live in one typed `Resources`, made at start-up."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import asyncpg
+import stripe
+from fastapi import Depends, Header, Request, Response
+from fastapi.routing import APIRoute
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.auth import Principal, ServiceCaller, TokenVerifier, User
+from app.config import Settings
+from app.database import driver_transaction, session_transaction
+from app.errors import Forbidden, Unauthorized
+from app.services.billing.stripe_api import StripeConnection, StripeNotConfigured
+from app.services.billing.webhook import WebhookNotConfigured, verify_event
+from app.services.profiles import refuse_protected_fields
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What the app opens at start-up and closes at shutdown (`app.state.resources`)."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    driver_pool: asyncpg.Pool
+    verifier: TokenVerifier
+    # None without STRIPE_SECRET_KEY: checkout and the portal then answer 503.
+    stripe: StripeConnection | None
+
+
+def resources(request: Request) -> Resources:
+    found: Resources = request.app.state.resources
+    return found
+
+
+def _settings(request: Request) -> Settings:
+    return resources(request).settings
+
+
+# --- Who is calling -------------------------------------------------------------------------------------------
+
+
+def _bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("expected 'Authorization: Bearer <token>'")
+    return token.strip()
+
+
+async def optional_principal(request: Request) -> Principal | None:
+    """The caller when a token is sent; anonymous without one. A token that fails is 401, never anonymous."""
+    token = _bearer_token(request)
+    if token is None:
+        return None
+    verifier = resources(request).verifier
+    if verifier.is_service_role_key(token):
+        return ServiceCaller()
+    principal = await verifier.verify(token)
+    if isinstance(principal, User):
+        request.state.user_id = principal.id  # for the request log
+    return principal
+
+
+# Each of these is one flat function of the request: FastAPI's per-request cost grows with every node of the
+# dependency tree, and they run on every authenticated request. /docs learns of them from app/docs.py.
+
+
+async def require_user(request: Request) -> User:
+    principal = await optional_principal(request)
+    if principal is None:
+        raise Unauthorized("missing bearer token")
+    if not isinstance(principal, User):
+        raise Forbidden("this endpoint needs a user's token; the service role has no profile")
+    return principal
+
+
+async def require_service_role(request: Request) -> ServiceCaller:
+    principal = await optional_principal(request)
+    if principal is None:
+        raise Unauthorized("missing bearer token")
+    if not isinstance(principal, ServiceCaller):
+        raise Forbidden("this endpoint needs the service role")
+    return principal
+
+
+async def require_user_or_service_role(request: Request) -> Principal:
+    principal = await optional_principal(request)
+    if principal is None:
+        raise Unauthorized("missing bearer token")
+    return principal
+
+
+# --- What a request carries ---------------------------------------------------------------------------------
+
+
+async def _refuse_protected_fields(request: Request) -> None:
+    """Credits and billing fields in a profile body are 403, before the body's model turns them into 422s."""
+    body = await request.body()  # already read (and checked to be JSON) by FastAPI: cached
+    if body:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return  # FastAPI answers a malformed body itself
+        refuse_protected_fields(data)
+
+
+async def _verified_event(
+    request: Request, signature: Annotated[str | None, Header(alias="Stripe-Signature")] = None
+) -> dict[str, Any]:
+    secret = resources(request).settings.stripe_webhook_secret
+    if secret is None:
+        raise WebhookNotConfigured
+    return verify_event(await request.body(), signature, secret.get_secret_value())
+
+
+# --- Data -----------------------------------------------------------------------------------------------------
+
+_READS = frozenset({"GET", "HEAD"})
+
+
+_TRANSACTION = "picads.driver_transaction"
+
+
+class DbRoute(APIRoute):
+    """A route whose `Db` connection is committed (or rolled back) and handed back to the pool when the endpoint
+    has returned, before the response is sent: the contract of a `yield` dependency with scope="function", for
+    the hot paths, where FastAPI's machinery for such a dependency costs more CPU than the query itself."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def in_transaction(request: Request) -> Response:
+            request.scope[_TRANSACTION] = None
+            try:
+                response = await handler(request)
+            except BaseException as exc:
+                transaction = request.scope[_TRANSACTION]
+                if transaction is not None:
+                    await transaction.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            transaction = request.scope[_TRANSACTION]
+            if transaction is not None:
+                await transaction.__aexit__(None, None, None)
+            return response
+
+        return in_transaction
+
+
+async def _driver_connection(request: Request) -> Any:
+    if _TRANSACTION not in request.scope:
+        raise RuntimeError("a route taking Db must be a DbRoute: APIRouter(route_class=DbRoute)")
+    found = resources(request)
+    transaction = driver_transaction(
+        found.driver_pool, found.settings.db_pool_timeout, read_only=request.method in _READS
+    )
+    connection = await transaction.__aenter__()
+    request.scope[_TRANSACTION] = transaction
+    return connection
+
+
+async def _session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with session_transaction(resources(request).sessions) as session:
+        yield session
+
+
+def _engine(request: Request) -> AsyncEngine:
+    return resources(request).engine
+
+
+def _sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+    return resources(request).sessions
+
+
+def _stripe(request: Request) -> stripe.StripeClient:
+    connection = resources(request).stripe
+    if connection is None:
+        raise StripeNotConfigured
+    return connection.client
+
+
+OptionalPrincipal = Annotated[Principal | None, Depends(optional_principal)]
+CurrentUser = Annotated[User, Depends(require_user)]
+ServiceRole = Annotated[ServiceCaller, Depends(require_service_role)]
+UserOrServiceRole = Annotated[Principal, Depends(require_user_or_service_role)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+# The hot paths' connection (asyncpg's pool, plain SQL). scope="function": the transaction commits before
+# the response goes out, so a failed commit is never answered with 2xx.
+Db = Annotated[asyncpg.Connection, Depends(_driver_connection)]
+# An ORM session in the request's one transaction, under the same contract.
+SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
+# For the rare request that must not hold one transaction throughout (one that waits on Stripe).
+SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(_sessionmaker)]
+StripeDep = Annotated[stripe.StripeClient, Depends(_stripe)]
+EngineDep = Annotated[AsyncEngine, Depends(_engine)]
+# A Stripe event whose signature was checked on the raw body.
+VerifiedEvent = Annotated[dict[str, Any], Depends(_verified_event)]
+NoProtectedFields = Depends(_refuse_protected_fields)

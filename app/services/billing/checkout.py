@@ -1,0 +1,117 @@
+"""Stripe Checkout for a pack or a plan, and the customer portal.
+
+Unlike other requests these commit in short steps and hold no database connection while Stripe answers: a slow
+Stripe must not drain the pool for everyone else. The profile (made here if it is missing) and the Stripe
+customer are kept even when the checkout itself then fails; a retry reuses them.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import stripe
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.auth import User
+from app.config import Catalogue
+from app.errors import Conflict, NotFound
+from app.models import Profile
+from app.services import profiles
+from app.services.billing.rules import ENDED_STATUSES, find_offer
+from app.services.billing.stripe_api import StripeFailed
+
+# Where Stripe sends the user back to, on FRONTEND_URL. Checkout fills in {CHECKOUT_SESSION_ID} itself.
+SUCCESS_PATH = "/billing/success?session_id={CHECKOUT_SESSION_ID}"
+CANCEL_PATH = "/billing/cancel"
+PORTAL_RETURN_PATH = "/billing"
+
+
+class SubscriptionExists(Conflict):
+    def __init__(self, status: str) -> None:
+        super().__init__(f"you already have a subscription ({status}): change or cancel it with POST /billing/portal")
+
+
+class NoStripeCustomer(NotFound):
+    default_detail = "no Stripe customer yet: buy a credit pack or subscribe first"
+
+
+async def _create_customer(sessions: async_sessionmaker[AsyncSession], client: stripe.StripeClient, user: User) -> str:
+    """The user's Stripe customer, created at Stripe and stored on the profile (first writer wins)."""
+    params: stripe.params.CustomerCreateParams = {"metadata": {"user_id": str(user.id)}}
+    if user.email:
+        params["email"] = user.email
+    try:
+        # Keyed by user: a retry (or a concurrent first checkout) gets the same customer, not a second one.
+        customer = await client.v1.customers.create_async(params, {"idempotency_key": f"customer-{user.id}"})
+    except stripe.StripeError as exc:
+        raise StripeFailed("create the Stripe customer", exc) from None
+    async with sessions.begin() as session:
+        stored = await session.scalar(
+            update(Profile)
+            .where(Profile.id == user.id, Profile.stripe_customer_id.is_(None))
+            .values(stripe_customer_id=customer.id)
+            .returning(Profile.stripe_customer_id)
+        )
+        if stored is None:  # a concurrent request stored it first (the same customer, by the idempotency key)
+            stored = await session.scalar(select(Profile.stripe_customer_id).where(Profile.id == user.id))
+    return stored or customer.id
+
+
+async def create_checkout(
+    sessions: async_sessionmaker[AsyncSession],
+    client: stripe.StripeClient,
+    catalogue: Catalogue,
+    return_base: str,
+    user: User,
+    signup_credits: int,
+    price_id: str,
+) -> tuple[str, str]:
+    """A Checkout Session for a catalogue price: (url, session id). Credits are granted by the webhook."""
+    offer = find_offer(catalogue, price_id)
+    async with sessions.begin() as session:
+        profile, _ = await profiles.get_or_create_profile(session, user.id, None, signup_credits)
+    status = profile.subscription_status
+    if offer.mode == "subscription" and status is not None and status not in ENDED_STATUSES:
+        raise SubscriptionExists(status)
+    customer = profile.stripe_customer_id or await _create_customer(sessions, client, user)
+    metadata = offer.metadata(str(user.id))
+    params: stripe.params.checkout.SessionCreateParams = {
+        "mode": offer.mode,
+        "customer": customer,
+        "line_items": [{"price": offer.price_id, "quantity": 1}],
+        "client_reference_id": str(user.id),
+        "metadata": metadata,
+        "success_url": return_base + SUCCESS_PATH,
+        "cancel_url": return_base + CANCEL_PATH,
+    }
+    if offer.mode == "subscription":
+        # Copied onto every invoice of the subscription, so each renewal finds its user.
+        params["subscription_data"] = {"metadata": metadata}
+    try:
+        checkout = await client.v1.checkout.sessions.create_async(params)
+    except stripe.StripeError as exc:
+        raise StripeFailed("create the checkout session", exc) from None
+    if not checkout.url:
+        raise StripeFailed("create the checkout session")
+    return checkout.url, checkout.id
+
+
+async def create_portal(
+    sessions: async_sessionmaker[AsyncSession], client: stripe.StripeClient, return_base: str, user_id: UUID
+) -> str:
+    """A customer portal URL (manage the subscription, cards, invoices); 404 without a Stripe customer.
+    The database is read first and let go of before Stripe is asked."""
+    async with sessions() as session:
+        customer = await session.scalar(select(Profile.stripe_customer_id).where(Profile.id == user_id))
+    if not customer:
+        raise NoStripeCustomer
+    params: stripe.params.billing_portal.SessionCreateParams = {
+        "customer": customer,
+        "return_url": return_base + PORTAL_RETURN_PATH,
+    }
+    try:
+        portal = await client.v1.billing_portal.sessions.create_async(params)
+    except stripe.StripeError as exc:
+        raise StripeFailed("open the customer portal", exc) from None
+    return portal.url

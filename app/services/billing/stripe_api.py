@@ -1,0 +1,68 @@
+"""The async Stripe client, and Stripe's failures as answers that say what went wrong."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import stripe
+
+from app.config import Settings
+from app.errors import BadGateway, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class StripeNotConfigured(ServiceUnavailable):
+    default_detail = "payments are not configured on this server (STRIPE_SECRET_KEY is not set)"
+
+    def __init__(self) -> None:
+        super().__init__(retry_after=3600)
+
+
+class StripeFailed(BadGateway):
+    """A call to Stripe failed: 502, naming the action and the reason, never anything secret."""
+
+    def __init__(self, action: str, exc: stripe.StripeError | None = None) -> None:
+        if exc is not None:
+            logger.warning(
+                "Stripe could not %s: %s (code %s, request %s)", action, type(exc).__name__, exc.code, exc.request_id
+            )
+        super().__init__(f"could not {action}: {_reason(exc)}; try again shortly")
+
+
+def _reason(exc: stripe.StripeError | None) -> str:
+    if exc is None:
+        return "Stripe returned no URL"
+    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        return "Stripe refused this server's API key (check STRIPE_SECRET_KEY)"
+    if isinstance(exc, stripe.APIConnectionError):
+        return "Stripe could not be reached"
+    if isinstance(exc, stripe.InvalidRequestError) and exc.user_message:
+        return f"Stripe refused the request: {exc.user_message}"
+    return "Stripe failed"
+
+
+@dataclass(frozen=True, slots=True)
+class StripeConnection:
+    """The Stripe client and the async HTTP client under it (ours to close)."""
+
+    client: stripe.StripeClient
+    http: stripe.HTTPXClient
+
+    async def aclose(self) -> None:
+        await self.http.close_async()  # type: ignore[no-untyped-call]
+
+
+def connect_stripe(settings: Settings) -> StripeConnection | None:
+    """An async Stripe client with the configured timeout and address; None without a secret key."""
+    if settings.stripe_secret_key is None:
+        return None
+    http = stripe.HTTPXClient(timeout=settings.stripe_timeout)
+    client = stripe.StripeClient(
+        settings.stripe_secret_key.get_secret_value(),
+        http_client=http,
+        base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,
+        max_network_retries=settings.stripe_max_network_retries,
+    )
+    return StripeConnection(client, http)

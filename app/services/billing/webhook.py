@@ -1,0 +1,127 @@
+"""Stripe's webhook: the signature check, then each event recorded and applied exactly once.
+
+A webhook event is recorded in `stripe_events` in the same transaction as its effects, so a second delivery
+changes nothing; grants are also unique per Stripe object (checkout session, invoice) in the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import stripe
+from pydantic import ValidationError
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import BadRequest, ServiceUnavailable
+from app.models import StripeEvent
+from app.services.billing.events import EventIgnored, Handler, WebhookContext
+from app.services.billing.handlers import HANDLERS
+from app.services.billing.payloads import Event
+
+logger = logging.getLogger(__name__)
+
+
+class WebhookNotConfigured(ServiceUnavailable):
+    default_detail = "webhooks are not configured on this server (STRIPE_WEBHOOK_SECRET is not set)"
+
+    def __init__(self) -> None:
+        super().__init__(retry_after=3600)
+
+
+class InvalidSignature(BadRequest):
+    default_detail = (
+        "invalid Stripe signature: STRIPE_WEBHOOK_SECRET must be the signing secret of this endpoint "
+        "(or of `stripe listen`), and the body must reach the server unchanged"
+    )
+
+
+class StaleSignature(BadRequest):
+    default_detail = "Stripe signature timestamp is too old: check this server's clock, or resend the event"
+
+
+class NotAnEvent(BadRequest):
+    default_detail = "the webhook body is not a Stripe event"
+
+
+def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
+    """The event, once its Stripe-Signature is verified on the raw body (default 300 s tolerance); else 400."""
+    if not signature:
+        raise BadRequest("missing Stripe-Signature header")
+    try:
+        event = stripe.Webhook.construct_event(payload, signature, secret)
+    except stripe.SignatureVerificationError as exc:
+        if str(exc).startswith("Timestamp outside the tolerance zone"):
+            raise StaleSignature from None
+        raise InvalidSignature from None
+    except ValueError:  # not UTF-8 or not JSON (UnicodeDecodeError is a ValueError)
+        raise NotAnEvent from None
+    data: dict[str, Any] = event.to_dict()
+    if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
+        raise NotAnEvent
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookResult:
+    duplicate: bool
+    outcome: str
+
+
+async def process_event(ctx: WebhookContext, data: dict[str, Any]) -> WebhookResult:
+    """Record the event and apply it, in the caller's transaction; a duplicate delivery changes nothing."""
+    try:
+        event = Event.model_validate(data)
+    except ValidationError as exc:
+        return await _reject(ctx.session, data, exc)
+    recorded = await ctx.session.scalar(
+        insert(StripeEvent)
+        .values(id=event.id, type=event.type, created=event.created_at)
+        .on_conflict_do_nothing(index_elements=[StripeEvent.id])
+        .returning(StripeEvent.id)
+    )
+    if recorded is None:
+        logger.info("Stripe event %s (%s) already processed", event.id, event.type)
+        return WebhookResult(duplicate=True, outcome="duplicate: already processed")
+    outcome = await _apply(ctx, event, HANDLERS.get(event.type))
+    await ctx.session.execute(update(StripeEvent).where(StripeEvent.id == event.id).values(outcome=outcome))
+    logger.info("Stripe event %s (%s): %s", event.id, event.type, outcome)
+    return WebhookResult(duplicate=False, outcome=outcome)
+
+
+async def _apply(ctx: WebhookContext, event: Event, handler: Handler[Any] | None) -> str:
+    if handler is None:
+        return "ignored: event type not handled"
+    try:
+        payload = handler.payload.model_validate(event.data.object)
+    except ValidationError as exc:  # signed by Stripe, but not in a shape we can act on
+        logger.error("Stripe event %s (%s) rejected: %s", event.id, event.type, _problems(exc))
+        return f"rejected: {_problems(exc)}"
+    try:
+        return await handler.apply(ctx, event, payload)
+    except EventIgnored as ignored:
+        return f"ignored: {ignored}"
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors())[:500]
+
+
+async def _reject(session: AsyncSession, data: dict[str, Any], exc: ValidationError) -> WebhookResult:
+    """An event whose envelope is unusable (its time, say) is recorded as rejected, once: Stripe would retry
+    a 5xx for three days, and the same payload would fail every time."""
+    outcome = f"rejected: {_problems(exc)}"
+    logger.error("Stripe event %s (%s) %s", data["id"], data["type"], outcome)
+    recorded = await session.scalar(
+        insert(StripeEvent)
+        .values(id=data["id"], type=data["type"], created=datetime.now(UTC), outcome=outcome)
+        .on_conflict_do_nothing(index_elements=[StripeEvent.id])
+        .returning(StripeEvent.id)
+    )
+    if recorded is None:
+        return WebhookResult(duplicate=True, outcome="duplicate: already processed")
+    return WebhookResult(duplicate=False, outcome=outcome)

@@ -27,8 +27,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app import bootstrap
-from app.config import Settings, database_host, load_settings
+from app.config import Settings, describe, load_settings
 from app.database import create_engine, migrate
+from app.errors import exception_chain
 from app.services.credits import find_ledger_mismatches
 
 DEFAULT_ENV_FILE = ".env"
@@ -106,15 +107,12 @@ def read_settings(args: argparse.Namespace) -> tuple[Settings, str]:
     return settings, source
 
 
-def where(url: URL) -> str:
-    return f"{database_host(url)}:{url.port or 5432}"
-
-
 def describe_settings(settings: Settings, url: URL, source: str) -> str:
+    address = describe(url)
     pooler = ", pooler mode" if settings.pooler_mode_for(url) else ""
     return (
-        f"user {url.username or '(default)'}, host {database_host(url)}, port {url.port or 5432}, "
-        f"database {url.database or '(default)'}{pooler} (from {source})"
+        f"user {address.user or '(default)'}, host {address.host}, port {address.port}, "
+        f"database {address.database or '(default)'}{pooler} (from {source})"
     )
 
 
@@ -125,91 +123,106 @@ class Problem:
     transient: bool
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
-    return seen
+@dataclass(frozen=True)
+class Failure:
+    """What one error in the chain says: its type, PostgreSQL's SQLSTATE, its message."""
+
+    error: BaseException
+    state: str | None
+    message: str
+
+    def ssl_required(self) -> bool:
+        encryption = self.state == "28000" and ("no encryption" in self.message or "SSL off" in self.message)
+        return encryption or ("SSL" in self.message and "required" in self.message)
+
+
+# The ways connecting to PostgreSQL usually fails, first match wins: (test, sentence with the cause and a fix,
+# transient). Sentences may name {host}, {target} (host:port), {user}, {database}, {timeout}, {message}.
+_PROBLEMS: list[tuple[Callable[[Failure], bool], str, bool]] = [
+    (
+        lambda f: isinstance(f.error, socket.gaierror),
+        'host "{host}" not found: check DB_HOST or the host in DATABASE_URL '
+        "(Supabase: Connect > connection string in the dashboard)",
+        True,
+    ),
+    (
+        lambda f: isinstance(f.error, ConnectionRefusedError),
+        "connection refused by {target}: no database listens there; check the port (5432 for PostgreSQL, "
+        "6543 for Supabase's transaction pooler) and that the database is running",
+        True,
+    ),
+    (
+        lambda f: isinstance(f.error, TimeoutError),
+        "timed out after {timeout:g}s connecting to {target}: check the host and port and that no firewall "
+        "blocks them (DB_CONNECT_TIMEOUT sets the limit)",
+        True,
+    ),
+    (
+        lambda f: f.state == "28P01",
+        'password rejected for user "{user}": check DB_PASSWORD or the password in DATABASE_URL '
+        "(special characters there must be percent-encoded, @ as %40)",
+        False,
+    ),
+    (
+        lambda f: "rejected SSL upgrade" in f.message or "does not support SSL" in f.message,
+        "the server at {target} does not accept SSL but the settings require it: remove sslmode from "
+        "DATABASE_URL or enable SSL on the server",
+        False,
+    ),
+    (Failure.ssl_required, "the server at {target} requires SSL: add ?sslmode=require to DATABASE_URL", False),
+    (
+        lambda f: f.state == "3D000",
+        'database "{database}" does not exist on {target}: create it, or fix DB_NAME or the database name in '
+        "DATABASE_URL (Supabase's is postgres)",
+        False,
+    ),
+    (
+        lambda f: f.state == "28000" and "does not exist" in f.message,
+        'user "{user}" does not exist on {target}: check DB_USER or the user in DATABASE_URL',
+        False,
+    ),
+    (
+        lambda f: "Tenant or user not found" in f.message,
+        "Supabase's pooler does not know user \"{user}\": use the pooler's user name, postgres.<project-ref>, "
+        "from Connect in the dashboard",
+        False,
+    ),
+    (
+        lambda f: f.state == "28000",
+        'the server at {target} refuses user "{user}" for database "{database}" ({message}): check its '
+        "pg_hba.conf or network restrictions",
+        False,
+    ),
+    (  # starting up / too many connections
+        lambda f: f.state in {"57P03", "53300"},
+        "the database at {target} is not accepting connections yet: {message}",
+        True,
+    ),
+    (
+        lambda f: isinstance(f.error, OSError),
+        "cannot reach {target}: {message}; check the host, port and network",
+        True,
+    ),
+]
 
 
 def explain_connection_error(exc: BaseException, url: URL, settings: Settings) -> Problem | None:
     """One sentence with the cause and a fix, for the ways connecting to PostgreSQL usually fails."""
-    target = where(url)
-    host = database_host(url)
-    user, database = url.username or "", url.database or ""
-    for error in _chain(exc):
-        state = getattr(error, "sqlstate", None)
-        message = str(error)
-        if isinstance(error, socket.gaierror):
-            return Problem(
-                f'host "{host}" not found: check DB_HOST or the host in DATABASE_URL '
-                "(Supabase: Connect > connection string in the dashboard)",
-                transient=True,
-            )
-        if isinstance(error, ConnectionRefusedError):
-            return Problem(
-                f"connection refused by {target}: no database listens there; check the port "
-                "(5432 for PostgreSQL, 6543 for Supabase's transaction pooler) and that the database is running",
-                transient=True,
-            )
-        if isinstance(error, TimeoutError):
-            return Problem(
-                f"timed out after {settings.db_connect_timeout:g}s connecting to {target}: check the host "
-                "and port and that no firewall blocks them (DB_CONNECT_TIMEOUT sets the limit)",
-                transient=True,
-            )
-        if state == "28P01":
-            return Problem(
-                f'password rejected for user "{user}": check DB_PASSWORD or the password in DATABASE_URL '
-                "(special characters there must be percent-encoded, @ as %40)",
-                transient=False,
-            )
-        if "rejected SSL upgrade" in message or "does not support SSL" in message:
-            return Problem(
-                f"the server at {target} does not accept SSL but the settings require it: remove sslmode "
-                "from DATABASE_URL or enable SSL on the server",
-                transient=False,
-            )
-        if (state == "28000" and ("no encryption" in message or "SSL off" in message)) or (
-            "SSL" in message and "required" in message
-        ):
-            return Problem(
-                f"the server at {target} requires SSL: add ?sslmode=require to DATABASE_URL",
-                transient=False,
-            )
-        if state == "3D000":
-            return Problem(
-                f'database "{database}" does not exist on {target}: create it, or fix DB_NAME or the database '
-                "name in DATABASE_URL (Supabase's is postgres)",
-                transient=False,
-            )
-        if state == "28000" and "does not exist" in message:
-            return Problem(
-                f'user "{user}" does not exist on {target}: check DB_USER or the user in DATABASE_URL',
-                transient=False,
-            )
-        if "Tenant or user not found" in message:
-            return Problem(
-                f"Supabase's pooler does not know user \"{user}\": use the pooler's user name, "
-                "postgres.<project-ref>, from Connect in the dashboard",
-                transient=False,
-            )
-        if state == "28000":
-            return Problem(
-                f'the server at {target} refuses user "{user}" for database "{database}" ({message}): '
-                "check its pg_hba.conf or network restrictions",
-                transient=False,
-            )
-        if state in {"57P03", "53300"}:  # starting up / too many connections
-            return Problem(f"the database at {target} is not accepting connections yet: {message}", transient=True)
-        if isinstance(error, OSError):
-            return Problem(
-                f"cannot reach {target}: {error.strerror or message}; check the host, port and network",
-                transient=True,
-            )
+    address = describe(url)
+    for error in exception_chain(exc):
+        message = (error.strerror if isinstance(error, OSError) else None) or str(error)
+        failure = Failure(error, getattr(error, "sqlstate", None), message)
+        for matches, sentence, transient in _PROBLEMS:
+            if matches(failure):
+                details = {
+                    "host": address.host,
+                    "target": address.target,
+                    "user": address.user,
+                    "database": address.database,
+                    "timeout": settings.db_connect_timeout,
+                    "message": message,
+                }
+                return Problem(sentence.format(**details), transient)
     return None
 
 
@@ -221,7 +234,7 @@ async def connect(engine: AsyncEngine, url: URL, settings: Settings, wait: float
         try:
             async with engine.connect() as connection:
                 version = await connection.scalar(text("SHOW server_version"))
-                return f"PostgreSQL {str(version).split()[0]} at {where(url)}"
+                return f"PostgreSQL {str(version).split()[0]} at {describe(url).target}"
         except Exception as exc:
             problem = explain_connection_error(exc, url, settings)
             if problem is None:

@@ -24,7 +24,7 @@ from app.deps import Resources
 from app.docs import document_bearer_auth
 from app.errors import install_error_handlers
 from app.middleware import ApiMiddleware
-from app.routes import billing, credits, profile, public
+from app.routes import admin, billing, credits, profile, public
 from app.services.billing.stripe_api import connect_stripe
 
 logger = logging.getLogger("app")
@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (
         profile.router,
         credits.router,
-        credits.admin_router,
+        admin.router,
         billing.router,
         billing.webhook_router,
         public.router,

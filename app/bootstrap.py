@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.database import MIGRATION_LOCK_ID
 from app.models import Base
+from app.services.profiles import SIGNUP_NOTE, SIGNUP_REFERENCE
 
 # Supabase's API roles. PostgREST switches to `anon` or `authenticated` per request.
 API_ROLES = ("anon", "authenticated")
@@ -333,10 +334,11 @@ async def install_signup_trigger(connection: AsyncConnection, signup_credits: in
     )
     ledger = ""
     if await _table_exists(connection, "credit_entries"):
+        reference, note = _literal(SIGNUP_REFERENCE), _literal(SIGNUP_NOTE)
         ledger = f"""
         IF FOUND THEN
             INSERT INTO public.credit_entries (profile_id, amount, balance_after, kind, reference, note)
-            VALUES (NEW.id, {credits}, {credits}, 'signup_grant', 'signup', 'signup grant');
+            VALUES (NEW.id, {credits}, {credits}, 'signup_grant', {reference}, {note});
         END IF;"""  # noqa: S608 - an int and constants, no input
     # SECURITY DEFINER: the signup runs as Supabase's auth service, which may not write our tables.
     await connection.execute(

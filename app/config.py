@@ -321,16 +321,27 @@ def split_sslmode(url: URL) -> tuple[URL, dict[str, Any]]:
     return url.set(query=query), {"ssl": mode}
 
 
-def database_host(url: URL) -> str:
-    """The host a URL names: its host, or the socket folder of a local server (`?host=/dir`)."""
-    return str(url.host or url.query.get("host") or "localhost")
-
-
-def describe(url: URL) -> str:
+@dataclass(frozen=True, slots=True)
+class DatabaseAddress:
     """Where a URL points, for logs and messages: never the password."""
-    host = database_host(url)
-    where = f"{host}:{url.port}" if url.port else host
-    return f"{quote(url.username or '')}@{where}/{url.database or ''}"
+
+    user: str
+    # The host, or the socket folder of a local server (`?host=/dir`).
+    host: str
+    port: int
+    database: str
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{quote(self.user)}@{self.target}/{self.database}"
+
+
+def describe(url: URL) -> DatabaseAddress:
+    host = url.host or url.query.get("host") or "localhost"
+    return DatabaseAddress(url.username or "", str(host), url.port or 5432, url.database or "")
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.auth import Principal, ServiceCaller, TokenVerifier, User
 from app.config import Settings
 from app.database import driver_transaction, session_transaction
-from app.errors import Forbidden, Unauthorized
-from app.services.billing.stripe_api import StripeConnection, StripeNotConfigured
-from app.services.billing.webhook import WebhookNotConfigured, verify_event
+from app.errors import AppError, Unauthorized
+from app.services.billing.stripe_api import WEBHOOKS_NOT_CONFIGURED, StripeConnection, StripeNotConfigured
+from app.services.billing.webhook import verify_event
 from app.services.profiles import refuse_protected_fields
 
 
@@ -76,28 +76,28 @@ async def optional_principal(request: Request) -> Principal | None:
 # dependency tree, and they run on every authenticated request. /docs learns of them from app/docs.py.
 
 
-async def require_user(request: Request) -> User:
-    principal = await optional_principal(request)
-    if principal is None:
-        raise Unauthorized("missing bearer token")
-    if not isinstance(principal, User):
-        raise Forbidden("this endpoint needs a user's token; the service role has no profile")
-    return principal
-
-
-async def require_service_role(request: Request) -> ServiceCaller:
-    principal = await optional_principal(request)
-    if principal is None:
-        raise Unauthorized("missing bearer token")
-    if not isinstance(principal, ServiceCaller):
-        raise Forbidden("this endpoint needs the service role")
-    return principal
+class WrongCaller(AppError):
+    status_code = 403
 
 
 async def require_user_or_service_role(request: Request) -> Principal:
     principal = await optional_principal(request)
     if principal is None:
         raise Unauthorized("missing bearer token")
+    return principal
+
+
+async def require_user(request: Request) -> User:
+    principal = await require_user_or_service_role(request)
+    if not isinstance(principal, User):
+        raise WrongCaller("this endpoint needs a user's token; the service role has no profile")
+    return principal
+
+
+async def require_service_role(request: Request) -> ServiceCaller:
+    principal = await require_user_or_service_role(request)
+    if not isinstance(principal, ServiceCaller):
+        raise WrongCaller("this endpoint needs the service role")
     return principal
 
 
@@ -120,7 +120,7 @@ async def _verified_event(
 ) -> dict[str, Any]:
     secret = resources(request).settings.stripe_webhook_secret
     if secret is None:
-        raise WebhookNotConfigured
+        raise StripeNotConfigured(WEBHOOKS_NOT_CONFIGURED)
     return verify_event(await request.body(), signature, secret.get_secret_value())
 
 
@@ -203,6 +203,16 @@ SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
 SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(_sessionmaker)]
 StripeDep = Annotated[stripe.StripeClient, Depends(_stripe)]
 EngineDep = Annotated[AsyncEngine, Depends(_engine)]
+# Makes a balance-changing request safe to retry: per user, the same key and body get the first answer.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Any unique string (a UUID): a retry with the same key and body is answered, not charged again",
+    ),
+]
 # A Stripe event whose signature was checked on the raw body.
 VerifiedEvent = Annotated[dict[str, Any], Depends(_verified_event)]
 NoProtectedFields = Depends(_refuse_protected_fields)

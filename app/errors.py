@@ -1,6 +1,6 @@
 """Errors the API answers with. Each carries its HTTP status and says what happened; one handler turns any of
-them into `{"detail": ...}`. The domain errors live next to the service that raises them and derive from the
-status classes here."""
+them into `{"detail": ...}`. The domain errors (ProfileNotFound, InsufficientCredits...) live next to the
+service that raises them; here are the base and the errors with headers of their own."""
 
 from __future__ import annotations
 
@@ -34,11 +34,6 @@ class AppError(Exception):
         super().__init__(self.detail)
 
 
-class BadRequest(AppError):
-    status_code = 400
-    default_detail = "bad request"
-
-
 class Unauthorized(AppError):
     status_code = 401
     default_detail = "invalid token"
@@ -47,44 +42,14 @@ class Unauthorized(AppError):
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-class PaymentRequired(AppError):
-    status_code = 402
-    default_detail = "not enough credits"
-
-
-class Forbidden(AppError):
-    status_code = 403
-    default_detail = "forbidden"
-
-
-class NotFound(AppError):
-    status_code = 404
-    default_detail = "not found"
-
-
-class Conflict(AppError):
-    status_code = 409
-    default_detail = "conflict"
-
-
-class Unprocessable(AppError):
-    """A well-formed request naming something that does not exist here (an unknown price, say)."""
-
-    status_code = 422
-    default_detail = "unprocessable request"
-
-
-class BadGateway(AppError):
-    status_code = 502
-    default_detail = "an upstream service failed"
-
-
 class ServiceUnavailable(AppError):
     status_code = 503
     default_detail = "service unavailable"
+    # Seconds after which trying again makes sense (Retry-After).
+    retry_after: ClassVar[int] = 5
 
-    def __init__(self, detail: str | None = None, retry_after: int = 5) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": str(self.retry_after)})
 
 
 class DatabaseUnavailable(ServiceUnavailable):
@@ -162,6 +127,8 @@ async def _invalid_request(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if is_connection_failure(exc):  # a lost connection wrapped in something else (a library's own error)
+        return await _database_error(request, exc)
     # Still a JSON answer (the traceback goes to the log, through the server, never to the caller).
     logger.error("unhandled %s during %s %s", type(exc).__name__, request.method, request.url.path)
     return JSONResponse({"detail": "internal error: the request was not completed; try again"}, status_code=500)

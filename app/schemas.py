@@ -9,8 +9,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-FULL_NAME_MAX = 200
-REASON_MAX = 200
+TEXT_MAX = 200
 SPEND_MAX = 1_000_000
 
 
@@ -29,24 +28,14 @@ def _clean_text(value: str, max_length: int) -> str:
 # The rules of `_clean_text` in the API description (not enforced by it: the validator's messages are clearer).
 _TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 
-FullName = Annotated[
+# A display name or a reason: trimmed, 1 to 200 characters, no control characters.
+ShortText = Annotated[
     str,
-    Field(
-        description="Display name: trimmed, 1 to 200 characters, no control characters",
-        examples=["Ada Lovelace"],
-        json_schema_extra={"pattern": _TEXT_PATTERN, "maxLength": FULL_NAME_MAX},
-    ),
-    AfterValidator(lambda value: _clean_text(value, FULL_NAME_MAX)),
+    Field(json_schema_extra={"pattern": _TEXT_PATTERN, "maxLength": TEXT_MAX}),
+    AfterValidator(lambda value: _clean_text(value, TEXT_MAX)),
 ]
-Reason = Annotated[
-    str,
-    Field(
-        description="Why: trimmed, 1 to 200 characters, no control characters",
-        examples=["ad image generation"],
-        json_schema_extra={"pattern": _TEXT_PATTERN, "maxLength": REASON_MAX},
-    ),
-    AfterValidator(lambda value: _clean_text(value, REASON_MAX)),
-]
+NAME_DESCRIPTION = "Display name: trimmed, 1 to 200 characters, no control characters"
+REASON_DESCRIPTION = "Why: trimmed, 1 to 200 characters, no control characters"
 
 
 class Message(BaseModel):
@@ -93,11 +82,13 @@ class _ProfileInput(BaseModel):
 
 
 class ProfileCreate(_ProfileInput):
-    full_name: FullName | None = None
+    full_name: ShortText | None = Field(None, description=NAME_DESCRIPTION, examples=["Ada Lovelace"])
 
 
 class ProfileUpdate(_ProfileInput):
-    full_name: FullName | None = Field(description="The new display name, or null to clear it")
+    full_name: ShortText | None = Field(
+        description=f"The new display name, or null to clear it. {NAME_DESCRIPTION}", examples=["Ada Lovelace"]
+    )
 
 
 def _number_not_text(value: Any) -> Any:
@@ -127,7 +118,7 @@ class SpendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     amount: WholeNumber = Field(ge=1, le=SPEND_MAX, description="Credits to spend, a whole number")
-    reason: Reason | None = None
+    reason: ShortText | None = Field(None, description=REASON_DESCRIPTION, examples=["ad image generation"])
 
 
 class AdjustmentRequest(BaseModel):
@@ -136,7 +127,7 @@ class AdjustmentRequest(BaseModel):
     amount: WholeNumber = Field(
         ge=-SPEND_MAX, le=SPEND_MAX, description="Signed: positive adds credits, negative takes them"
     )
-    reason: Reason
+    reason: ShortText = Field(description=REASON_DESCRIPTION, examples=["support: failed generation"])
 
     @model_validator(mode="after")
     def _not_zero(self) -> AdjustmentRequest:
@@ -148,6 +139,10 @@ class AdjustmentRequest(BaseModel):
 class BalanceChangeOut(BaseModel):
     balance: int = Field(description="The balance after this change")
     entry: CreditEntryOut
+
+    @classmethod
+    def of(cls, entry: CreditEntryOut) -> BalanceChangeOut:
+        return cls(balance=entry.balance_after, entry=entry)
 
 
 class PageQuery(BaseModel):

@@ -32,11 +32,10 @@ from app.application import create_app
 from app.config import Settings, split_sslmode
 from app.database import start_embedded_postgres
 from app.logs import JsonFormatter
+from tests.fake_stripe import CATALOGUE, FRONTEND, SECRET_KEY, WEBHOOK_SECRET, FakeStripe, start_fake_stripe
 
 TEST_JWT_SECRET = "test-jwt-secret-" + "x" * 32
 TEST_SERVICE_ROLE_KEY = "sb_secret_test_service_role_key_0123456789"
-TEST_STRIPE_SECRET_KEY = "sk_test_picads_fake_key"
-TEST_STRIPE_WEBHOOK_SECRET = "whsec_test_picads_webhook_secret"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 TokenFactory = Callable[..., str]
@@ -52,7 +51,7 @@ class _Everything(logging.Handler):
 
 
 # What must never reach a log: the suite's secrets, Stripe keys, and any JWT (they all start "eyJ").
-NEVER_LOGGED = (TEST_JWT_SECRET, TEST_SERVICE_ROLE_KEY, TEST_STRIPE_SECRET_KEY, TEST_STRIPE_WEBHOOK_SECRET, "eyJ")
+NEVER_LOGGED = (TEST_JWT_SECRET, TEST_SERVICE_ROLE_KEY, SECRET_KEY, WEBHOOK_SECRET, "eyJ")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -248,3 +247,54 @@ def subprocess_env(database_url: URL, tmp_path: Path) -> dict[str, str]:
         }
     )
     return env
+
+
+# --- Billing: the app configured for Stripe, against a local fake of Stripe's API ----------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[FakeStripe]:
+    fake = FakeStripe()
+    server = start_fake_stripe(fake)
+    yield fake
+    server.shutdown()
+
+
+@pytest.fixture
+def fake_stripe(fake_server: FakeStripe) -> FakeStripe:
+    fake_server.requests.clear()
+    fake_server.answered.clear()
+    fake_server.failure = None
+    fake_server.fail_path = None
+    fake_server.delay = 0.0
+    return fake_server
+
+
+@pytest.fixture(scope="module")
+async def billing_app(
+    database_url: URL, tmp_path_factory: pytest.TempPathFactory, fake_server: FakeStripe
+) -> AsyncIterator[FastAPI]:
+    settings = make_settings(
+        database_url,
+        tmp_path_factory.mktemp("billing"),
+        stripe_secret_key=SECRET_KEY,
+        stripe_publishable_key="pk_test_picads",
+        stripe_webhook_secret=WEBHOOK_SECRET,
+        stripe_api_base=fake_server.url,
+        stripe_max_network_retries=0,
+        stripe_timeout=5,
+        frontend_url=FRONTEND + "/",
+        **CATALOGUE,
+    )
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def billing(billing_app: FastAPI, app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app configured for Stripe. (`app` is requested so the database is cleaned after.)"""
+    # Our own failures must reach the test as the 500 Stripe would see, not as an exception.
+    transport = httpx.ASGITransport(app=billing_app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        yield http

@@ -25,12 +25,12 @@ from app.config import Settings
 from tests.conftest import (
     PROJECT_ROOT,
     TEST_JWT_SECRET,
-    TEST_STRIPE_WEBHOOK_SECRET,
     bearer,
     free_port,
     sign,
     user_claims,
 )
+from tests.fake_stripe import WEBHOOK_SECRET
 
 NEEDS_STRIPE = {"/billing/checkout", "/billing/portal"}
 # Where a schema-valid request can rightly be refused, for reasons no schema can state.
@@ -53,7 +53,7 @@ def live_server(database_url: URL, tmp_path_factory: pytest.TempPathFactory) -> 
             "ENVIRONMENT": "test",
             "DATABASE_URL": database_url.render_as_string(hide_password=False),
             "SUPABASE_JWT_SECRET": TEST_JWT_SECRET,
-            "STRIPE_WEBHOOK_SECRET": TEST_STRIPE_WEBHOOK_SECRET,
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "DATA_DIR": str(tmp_path_factory.mktemp("fuzz")),
             "PORT": str(port),
             "LOG_LEVEL": "WARNING",

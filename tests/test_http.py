@@ -10,9 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy.engine import URL
 
 from app.application import create_app
+from app.errors import install_error_handlers
 from app.logs import JsonFormatter
 from tests.conftest import make_settings
 
@@ -80,3 +82,36 @@ async def test_docs_can_be_turned_off(database_url: URL, tmp_path: Path) -> None
             for path in ("/docs", "/redoc", "/openapi.json"):
                 assert (await http.get(path)).status_code == 404
             assert (await http.get("/health")).status_code == 200
+
+
+def _caused_by(error: Exception, cause: BaseException) -> Exception:
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize(
+    ("raised", "status"),
+    [
+        (RuntimeError("a bug"), 500),
+        (ConnectionResetError("reset by peer"), 503),
+        # Found only down the chain: a library's own error raised while the connection was lost.
+        (_caused_by(RuntimeError("operation failed"), ConnectionResetError("reset by peer")), 503),
+        (_caused_by(ValueError("bad value"), KeyError("x")), 500),
+    ],
+    ids=["bug", "connection", "connection-in-the-cause-chain", "no-connection-in-the-chain"],
+)
+async def test_a_lost_connection_anywhere_in_the_chain_is_503(raised: Exception, status: int) -> None:
+    application = FastAPI()
+
+    @application.get("/fails")
+    async def fails() -> None:
+        raise raised
+
+    install_error_handlers(application)
+    transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        response = await http.get("/fails")
+    assert response.status_code == status
+    if status == 503:
+        assert response.json() == {"detail": "database unavailable, try again shortly"}
+        assert response.headers["retry-after"]

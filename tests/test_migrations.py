@@ -54,3 +54,21 @@ async def test_ledger_migration_opens_every_existing_balance(empty_engine: Async
         (42, "adjustment"),
         (1000, "adjustment"),
     ]
+
+
+async def test_signup_grants_made_before_0005_get_the_shared_reference(empty_engine: AsyncEngine) -> None:
+    await migrate(empty_engine, "0004")
+    user_id = uuid.uuid4()
+    async with empty_engine.begin() as connection:
+        await connection.execute(text("INSERT INTO profiles (id, credits) VALUES (:id, 1000)"), {"id": user_id})
+        await connection.execute(
+            text(
+                "INSERT INTO credit_entries (profile_id, amount, balance_after, kind, note) "
+                "VALUES (:id, 1000, 1000, 'signup_grant', 'signup grant')"
+            ),
+            {"id": user_id},
+        )
+    await migrate(empty_engine)
+    async with empty_engine.connect() as connection:
+        row = (await connection.execute(text("SELECT reference, note FROM credit_entries"))).one()
+    assert tuple(row) == ("signup", "signup grant")

@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from app.application import create_app
-from app.config import database_host
+from app.config import describe
 from tests.conftest import TokenFactory, bearer, free_port, make_settings, throwaway_database
 
 PGBOUNCER = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
@@ -56,7 +56,7 @@ def pgbouncer(pooled_database: URL) -> Iterator[URL]:
     """A PgBouncer in transaction mode on a loopback port, with two server connections for many clients."""
     assert PGBOUNCER is not None
     # The embedded server listens on a Unix socket only (`?host=/dir`); PgBouncer reaches it there too.
-    host = database_host(pooled_database)
+    host = describe(pooled_database).host
     target = f"host={host} port={pooled_database.port or 5432} dbname={pooled_database.database}"
     target += f" user={pooled_database.username}"
     if pooled_database.password:

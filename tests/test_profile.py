@@ -55,7 +55,16 @@ async def test_concurrent_first_sign_in_makes_one_row(
     assert len({response.json()["created_at"] for response in responses}) == 1
     async with engine.connect() as connection:
         count = await connection.scalar(text("SELECT count(*) FROM profiles WHERE id = :id"), {"id": user_id})
+        entries = (
+            await connection.execute(
+                text("SELECT kind, amount, reference FROM credit_entries WHERE profile_id = :id"), {"id": user_id}
+            )
+        ).all()
+        balance = await connection.scalar(text("SELECT credits FROM profiles WHERE id = :id"), {"id": user_id})
     assert count == 1
+    # Exactly one signup grant, written as the auth.users trigger writes it, and the balance is its ledger.
+    assert [tuple(entry) for entry in entries] == [("signup_grant", 1000, "signup")]
+    assert balance == 1000
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,15 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database import Queries
-from app.errors import Conflict, PaymentRequired
+from app.errors import AppError
 from app.models import CreditEntry, CreditKind, Profile
 from app.schemas import CreditEntryOut
 from app.services.profiles import ProfileNotFound, lock_profile
 
 
-class InsufficientCredits(PaymentRequired):
+class InsufficientCredits(AppError):
+    status_code = 402
+
     def __init__(self, balance: int, requested: int) -> None:
         super().__init__(
             f"not enough credits: {balance} available, {requested} requested",
@@ -25,7 +27,8 @@ class InsufficientCredits(PaymentRequired):
         )
 
 
-class IdempotencyConflict(Conflict):
+class IdempotencyConflict(AppError):
+    status_code = 409
     default_detail = "this Idempotency-Key was already used with a different request"
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database import Queries
-from app.errors import Forbidden, NotFound
+from app.errors import AppError
 from app.models import CreditEntry, CreditKind, Profile
 from app.schemas import ProfileOut
 
@@ -37,12 +37,15 @@ PROTECTED_FIELDS = frozenset(
 )
 
 
-class ProfileNotFound(NotFound):
+class ProfileNotFound(AppError):
+    status_code = 404
     default_detail = "profile not found: create it with POST /profile"
 
 
-class ProtectedFields(Forbidden):
+class ProtectedFields(AppError):
     """The request is well-formed but asks for something a user may not do: 403, not 422."""
+
+    status_code = 403
 
     def __init__(self, fields: list[str]) -> None:
         super().__init__(f"{', '.join(fields)} cannot be set by a user")

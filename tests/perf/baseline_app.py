@@ -70,7 +70,7 @@ async def get_profile(user: CurrentUser, session: Session) -> Response:
 @app.post("/credits/spend")
 async def spend(user: CurrentUser, session: Session, body: SpendRequest) -> BalanceChangeOut:
     entry = await credits.spend(SessionQueries(session), user.id, body.amount, body.reason, None)
-    return BalanceChangeOut(balance=entry.balance_after, entry=entry)
+    return BalanceChangeOut.of(entry)
 
 
 install_error_handlers(app)

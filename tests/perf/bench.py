@@ -206,8 +206,8 @@ async def prepare_database(url: URL, profiles: int) -> None:
             )
             await connection.execute(
                 text(
-                    "INSERT INTO credit_entries (profile_id, amount, balance_after, kind) "
-                    "SELECT id, credits, credits, 'signup_grant' FROM profiles"
+                    "INSERT INTO credit_entries (profile_id, amount, balance_after, kind, reference) "
+                    "SELECT id, credits, credits, 'signup_grant', 'signup' FROM profiles"
                 )
             )
     finally:

@@ -1,20 +1,12 @@
 """credit_entries: the append-only credits ledger, with an opening entry for every existing balance
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-25
-"""
-
-from collections.abc import Sequence
+(revision 0002, after 0001, 2026-11-25)"""
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0002"
-down_revision: str | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0002"
+down_revision = "0001"
 
 
 def upgrade() -> None:
@@ -40,27 +32,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_credit_entries")),
     )
     op.create_index("ix_credit_entries_profile_id_id", "credit_entries", ["profile_id", sa.text("id DESC")])
-    op.create_index(
-        "uq_credit_entries_signup_grant",
-        "credit_entries",
-        ["profile_id"],
-        unique=True,
-        postgresql_where=sa.text("kind = 'signup_grant'"),
+    unique_when = (
+        ("uq_credit_entries_signup_grant", ["profile_id"], "kind = 'signup_grant'"),
+        ("uq_credit_entries_spend_key", ["profile_id", "reference"], "kind = 'spend' AND reference IS NOT NULL"),
+        (
+            "uq_credit_entries_stripe_grant",
+            ["kind", "reference"],
+            "kind IN ('purchase', 'subscription_grant', 'refund') AND reference IS NOT NULL",
+        ),
     )
-    op.create_index(
-        "uq_credit_entries_spend_key",
-        "credit_entries",
-        ["profile_id", "reference"],
-        unique=True,
-        postgresql_where=sa.text("kind = 'spend' AND reference IS NOT NULL"),
-    )
-    op.create_index(
-        "uq_credit_entries_stripe_grant",
-        "credit_entries",
-        ["kind", "reference"],
-        unique=True,
-        postgresql_where=sa.text("kind IN ('purchase', 'subscription_grant', 'refund') AND reference IS NOT NULL"),
-    )
+    for name, columns, where in unique_when:
+        op.create_index(name, "credit_entries", columns, unique=True, postgresql_where=sa.text(where))
     # Balances that existed before the ledger get one opening entry each, so the invariant
     # profiles.credits == sum(credit_entries.amount) holds from here on.
     op.execute(

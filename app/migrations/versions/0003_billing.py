@@ -1,19 +1,11 @@
 """billing: stripe_events (each Stripe event processed once) and the profile's subscription state
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-26
-"""
-
-from collections.abc import Sequence
+(revision 0003, after 0002, 2026-11-26)"""
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003"
-down_revision: str | None = "0002"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0003"
+down_revision = "0002"
 
 
 def upgrade() -> None:

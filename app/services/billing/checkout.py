@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth import User
 from app.config import Catalogue
-from app.errors import Conflict, NotFound
+from app.errors import AppError
 from app.models import Profile
 from app.services import profiles
 from app.services.billing.rules import ENDED_STATUSES, find_offer
@@ -27,12 +27,15 @@ CANCEL_PATH = "/billing/cancel"
 PORTAL_RETURN_PATH = "/billing"
 
 
-class SubscriptionExists(Conflict):
+class SubscriptionExists(AppError):
+    status_code = 409
+
     def __init__(self, status: str) -> None:
         super().__init__(f"you already have a subscription ({status}): change or cancel it with POST /billing/portal")
 
 
-class NoStripeCustomer(NotFound):
+class NoStripeCustomer(AppError):
+    status_code = 404
     default_detail = "no Stripe customer yet: buy a credit pack or subscribe first"
 
 

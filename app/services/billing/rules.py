@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from app.config import Catalogue, CatalogueItem
-from app.errors import Unprocessable
+from app.errors import AppError
 from app.services.billing.payloads import Invoice, Metadata, Subscription
 
 # Subscription statuses after which nothing more happens to that subscription.
@@ -18,7 +18,9 @@ PAID_CHECKOUT = frozenset({"paid", "no_payment_required"})
 Mode = Literal["payment", "subscription"]
 
 
-class UnknownPrice(Unprocessable):
+class UnknownPrice(AppError):
+    status_code = 422
+
     def __init__(self, price_id: str) -> None:
         super().__init__(f"unknown price_id {price_id!r}: choose one from GET /billing/plans")
 

@@ -8,20 +8,25 @@ from dataclasses import dataclass
 import stripe
 
 from app.config import Settings
-from app.errors import BadGateway, ServiceUnavailable
+from app.errors import AppError, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
 
 class StripeNotConfigured(ServiceUnavailable):
+    """This server lacks a Stripe setting the endpoint needs: trying again in a moment will not help."""
+
     default_detail = "payments are not configured on this server (STRIPE_SECRET_KEY is not set)"
-
-    def __init__(self) -> None:
-        super().__init__(retry_after=3600)
+    retry_after = 3600
 
 
-class StripeFailed(BadGateway):
+WEBHOOKS_NOT_CONFIGURED = "webhooks are not configured on this server (STRIPE_WEBHOOK_SECRET is not set)"
+
+
+class StripeFailed(AppError):
     """A call to Stripe failed: 502, naming the action and the reason, never anything secret."""
+
+    status_code = 502
 
     def __init__(self, action: str, exc: stripe.StripeError | None = None) -> None:
         if exc is not None:

@@ -17,7 +17,7 @@ from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import BadRequest, ServiceUnavailable
+from app.errors import AppError
 from app.models import StripeEvent
 from app.services.billing.events import EventIgnored, Handler, WebhookContext
 from app.services.billing.handlers import HANDLERS
@@ -26,43 +26,36 @@ from app.services.billing.payloads import Event
 logger = logging.getLogger(__name__)
 
 
-class WebhookNotConfigured(ServiceUnavailable):
-    default_detail = "webhooks are not configured on this server (STRIPE_WEBHOOK_SECRET is not set)"
+class WebhookRefused(AppError):
+    """What Stripe sent cannot be verified as a Stripe event from this endpoint: 400, and Stripe retries."""
 
-    def __init__(self) -> None:
-        super().__init__(retry_after=3600)
-
-
-class InvalidSignature(BadRequest):
-    default_detail = (
-        "invalid Stripe signature: STRIPE_WEBHOOK_SECRET must be the signing secret of this endpoint "
-        "(or of `stripe listen`), and the body must reach the server unchanged"
-    )
+    status_code = 400
 
 
-class StaleSignature(BadRequest):
-    default_detail = "Stripe signature timestamp is too old: check this server's clock, or resend the event"
-
-
-class NotAnEvent(BadRequest):
-    default_detail = "the webhook body is not a Stripe event"
+MISSING_SIGNATURE = "missing Stripe-Signature header"
+INVALID_SIGNATURE = (
+    "invalid Stripe signature: STRIPE_WEBHOOK_SECRET must be the signing secret of this endpoint "
+    "(or of `stripe listen`), and the body must reach the server unchanged"
+)
+STALE_SIGNATURE = "Stripe signature timestamp is too old: check this server's clock, or resend the event"
+NOT_AN_EVENT = "the webhook body is not a Stripe event"
 
 
 def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
     """The event, once its Stripe-Signature is verified on the raw body (default 300 s tolerance); else 400."""
     if not signature:
-        raise BadRequest("missing Stripe-Signature header")
+        raise WebhookRefused(MISSING_SIGNATURE)
     try:
         event = stripe.Webhook.construct_event(payload, signature, secret)
     except stripe.SignatureVerificationError as exc:
         if str(exc).startswith("Timestamp outside the tolerance zone"):
-            raise StaleSignature from None
-        raise InvalidSignature from None
+            raise WebhookRefused(STALE_SIGNATURE) from None
+        raise WebhookRefused(INVALID_SIGNATURE) from None
     except ValueError:  # not UTF-8 or not JSON (UnicodeDecodeError is a ValueError)
-        raise NotAnEvent from None
+        raise WebhookRefused(NOT_AN_EVENT) from None
     data: dict[str, Any] = event.to_dict()
     if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
-        raise NotAnEvent
+        raise WebhookRefused(NOT_AN_EVENT)
     return data
 
 

@@ -20,7 +20,7 @@ from app.database import (
     open_driver_pool,
     resolve_database_url,
 )
-from app.deps import Resources
+from app.deps import Resources, check_db_routes
 from app.docs import document_bearer_auth
 from app.errors import install_error_handlers
 from app.middleware import ApiMiddleware
@@ -118,8 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for router in routers:
         # The routes themselves, not `include_router`: none of ours has a prefix or shared dependencies, and
-        # matching through included routers costs about a tenth of a request's CPU.
+        # this FastAPI matches included routes twice per request (docs/benchmarks.md).
         app.router.routes.extend(router.routes)
+    check_db_routes(app.routes)
     install_error_handlers(app)
     document_bearer_auth(app)
     return app

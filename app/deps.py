@@ -134,8 +134,8 @@ _TRANSACTION = "picads.driver_transaction"
 
 class DbRoute(APIRoute):
     """A route whose `Db` connection is committed (or rolled back) and handed back to the pool when the endpoint
-    has returned, before the response is sent: the contract of a `yield` dependency with scope="function", for
-    the hot paths, where FastAPI's machinery for such a dependency costs more CPU than the query itself."""
+    has returned, before the response is sent: the contract of a `yield` dependency with scope="function",
+    without FastAPI's machinery for one, which on the hot paths costs more than the query (docs/benchmarks.md)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -157,9 +157,16 @@ class DbRoute(APIRoute):
         return in_transaction
 
 
+def check_db_routes(routes: list[Any]) -> None:
+    """At start-up: a route taking `Db` outside a DbRoute would never give its connection back."""
+    for route in routes:
+        if not isinstance(route, APIRoute) or isinstance(route, DbRoute):
+            continue
+        if any(dependency.call is _driver_connection for dependency in route.dependant.dependencies):
+            raise RuntimeError(f"{route.path} takes Db: its router needs APIRouter(route_class=DbRoute)")
+
+
 async def _driver_connection(request: Request) -> Any:
-    if _TRANSACTION not in request.scope:
-        raise RuntimeError("a route taking Db must be a DbRoute: APIRouter(route_class=DbRoute)")
     found = resources(request)
     transaction = driver_transaction(
         found.driver_pool, found.settings.db_pool_timeout, read_only=request.method in _READS

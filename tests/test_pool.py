@@ -13,10 +13,13 @@ from typing import Any
 
 import asyncpg
 import pytest
+from fastapi import APIRouter
 from sqlalchemy.engine import URL
 
+from app.application import create_app
 from app.config import split_sslmode
 from app.database import checkout, close_driver_pool, driver_transaction, open_driver_pool
+from app.deps import Db, check_db_routes
 from app.errors import DatabaseUnavailable
 from tests.conftest import make_settings
 
@@ -230,3 +233,17 @@ async def test_shutdown_gives_up_on_a_stuck_checkout_after_its_grace(database_ur
         assert not await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
     finally:
         await admin.close()
+
+
+def test_a_route_taking_db_outside_a_db_route_stops_start_up(database_url: URL, tmp_path: Path) -> None:
+    """Its connection would never go back to the pool: the app refuses to start rather than leak."""
+    stray = APIRouter()
+
+    @stray.get("/stray")
+    async def stray_route(db: Db) -> None:
+        pass
+
+    application = create_app(make_settings(database_url, tmp_path))
+    application.router.routes.extend(stray.routes)
+    with pytest.raises(RuntimeError, match="/stray takes Db"):
+        check_db_routes(application.routes)

@@ -257,20 +257,22 @@ async def current_revision(engine: AsyncEngine) -> str | None:
 
 
 async def check_ledger(engine: AsyncEngine) -> str:
-    """Every balance must equal the sum of its ledger entries; a mismatch fails --check (for monitoring)."""
+    """Every balance must equal the sum of its ledger entries, and every held total the sum of its active holds;
+    a mismatch fails --check (for monitoring)."""
     async with AsyncSession(engine) as session:
-        if not await session.scalar(text("SELECT to_regclass('public.credit_entries') IS NOT NULL")):
-            return "no ledger yet (run without --check to migrate)"
+        if not await session.scalar(text("SELECT to_regclass('public.credit_holds') IS NOT NULL")):
+            return "the ledger's tables are not all there yet (run without --check to migrate)"
         profiles = await session.scalar(text("SELECT count(*) FROM profiles"))
         mismatches = await find_ledger_mismatches(session)
     if mismatches:
         first = mismatches[0]
         raise StepFailed(
-            f"{len(mismatches)} balance(s) differ from their ledger, e.g. profile {first.profile_id}: "
-            f"balance {first.balance}, entries sum to {first.ledger_sum}: something wrote credits outside the "
-            "API (an adjustment moves both, so it cannot close this gap); find that writer first"
+            f"{len(mismatches)} balance(s) differ from their ledger or holds, e.g. profile {first.profile_id}: "
+            f"balance {first.balance}, entries sum to {first.ledger_sum}; held {first.held}, active holds sum to "
+            f"{first.holds_sum}: something wrote them outside the API (an adjustment moves both, so it cannot close "
+            "this gap); find that writer first"
         )
-    return f"every balance equals the sum of its ledger entries ({profiles} profiles)"
+    return f"every balance equals the sum of its ledger entries, every held total its holds ({profiles} profiles)"
 
 
 async def run_migrations(engine: AsyncEngine) -> str:

@@ -50,6 +50,8 @@ class User:
     id: UUID
     role: str = AUDIENCE
     email: str | None = None
+    # Supabase's anonymous sign-in (`is_anonymous`): no signup credits until the account is made permanent.
+    anonymous: bool = False
     claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -179,6 +181,7 @@ class TokenVerifier:
             id=user_id,
             role=role if isinstance(role, str) else AUDIENCE,
             email=email if isinstance(email, str) and email else None,
+            anonymous=claims.get("is_anonymous") is True,
             claims=claims,
         )
 

@@ -61,7 +61,11 @@ NO_ACCESS = TableAccess()
 TABLE_ACCESS: dict[str, TableAccess] = {
     "profiles": TableAccess(owner_column="id", read_own=True, update_own_columns=("full_name",)),
     "credit_entries": TableAccess(owner_column="profile_id", read_own=True),
+    "credit_holds": TableAccess(owner_column="profile_id", read_own=True),
     "stripe_events": NO_ACCESS,
+    "checkout_sessions": NO_ACCESS,
+    "stripe_payments": NO_ACCESS,
+    "stripe_disputes": NO_ACCESS,
     "alembic_version": NO_ACCESS,
 }
 

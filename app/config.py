@@ -49,6 +49,14 @@ class Catalogue:
     plans: Mapping[str, CatalogueItem]
 
 
+@dataclass(frozen=True, slots=True)
+class SignupGrants:
+    """The credits a new profile starts with: a permanent account's, and an anonymous sign-in's."""
+
+    signup: int
+    anonymous: int
+
+
 def _price_id(value: str) -> str:
     if not value.startswith("price_"):
         hint = " (that is a product id: use the price's id, price_...)" if value.startswith("prod_") else ""
@@ -102,6 +110,8 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str] | None, NoDecode] = None
 
     signup_credits: int = Field(1000, ge=0, le=1_000_000)
+    # What a Supabase anonymous sign-in starts with; the full signup grant follows, once, with a permanent account.
+    anonymous_signup_credits: int = Field(0, ge=0, le=1_000_000)
 
     # Operations
     log_format: Literal["text", "json"] = "text"
@@ -238,6 +248,10 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+    @property
+    def signup_grants(self) -> SignupGrants:
+        return SignupGrants(self.signup_credits, self.anonymous_signup_credits)
 
     @property
     def catalogue(self) -> Catalogue:

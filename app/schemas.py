@@ -59,12 +59,23 @@ class PublicDataOut(BaseModel):
     role: str | None = None
 
 
-class ProfileOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+class BalanceOut(BaseModel):
+    credits: int = Field(
+        description="Posted: the sum of your ledger. Below 0 when a refunded or disputed purchase was already spent"
+    )
+    held: int = Field(description="Reserved by your active holds")
+    available: int = Field(description="What you can spend or hold now: credits - held")
 
+
+class ProfileOut(BaseModel):
     id: UUID
     full_name: str | None
-    credits: int
+    credits: int = Field(
+        description="Posted: the sum of your ledger. Below 0 when a refunded or disputed purchase was already spent"
+    )
+    held: int = Field(description="Reserved by your active holds")
+    available: int = Field(description="What you can spend or hold now: credits - held")
+    anonymous: bool = Field(description="Signed in anonymously: the signup credits come with a permanent account")
     stripe_customer_id: str | None
     subscription_status: str | None
     subscription_price_id: str | None
@@ -145,6 +156,48 @@ class BalanceChangeOut(BaseModel):
         return cls(balance=entry.balance_after, entry=entry)
 
 
+HOLD_TTL_MAX = 86_400
+
+
+class HoldRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: WholeNumber = Field(ge=1, le=SPEND_MAX, description="Credits to reserve, a whole number")
+    reason: ShortText | None = Field(None, description=REASON_DESCRIPTION, examples=["ad image generation"])
+    ttl_seconds: WholeNumber = Field(
+        900, ge=1, le=HOLD_TTL_MAX, description="Seconds until the hold expires by itself if nobody settles it"
+    )
+
+
+class CaptureRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: Annotated[int, Field(ge=1, le=SPEND_MAX), BeforeValidator(_number_not_text)] | None = Field(
+        None, description="Credits to spend, at most the held amount; all of it when left out"
+    )
+
+
+class HoldOut(BaseModel):
+    id: UUID
+    amount: int = Field(description="Credits reserved")
+    reason: str | None
+    state: str = Field(description="active, captured, released or expired", examples=["active"])
+    captured: int = Field(description="Credits the capture spent (0 unless captured)")
+    created_at: datetime
+    expires_at: datetime
+    resolved_at: datetime | None
+
+
+class HoldAnswer(BaseModel):
+    hold: HoldOut
+    balance: BalanceOut
+    entry: CreditEntryOut | None = Field(None, description="The spend entry a capture wrote")
+
+
+class HoldsOut(BaseModel):
+    holds: list[HoldOut] = Field(description="Your active holds, oldest first")
+
+
 class PageQuery(BaseModel):
     # A misspelt parameter (`?limt=5`) is a 422 that names it, not a silently ignored wish.
     model_config = ConfigDict(extra="forbid")
@@ -167,7 +220,9 @@ class DashboardUser(BaseModel):
 class DashboardOut(BaseModel):
     user: DashboardUser
     profile: ProfileOut | None
-    balance: int | None = Field(description="Your credits; null until your profile exists")
+    balance: int | None = Field(description="Your credits (posted); null until your profile exists")
+    held: int | None = Field(description="Reserved by your active holds; null until your profile exists")
+    available: int | None = Field(description="What you can spend or hold now; null until your profile exists")
     recent_entries: list[CreditEntryOut] = Field(description="Your five newest ledger entries")
 
 

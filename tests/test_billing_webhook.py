@@ -314,11 +314,12 @@ async def test_unknown_users_and_unhandled_types_are_acknowledged(
     assert outcomes == {"ignored: no user found for this invoice", "ignored: event type not handled"}
 
 
-async def test_our_own_failure_is_5xx_and_records_nothing(
+async def test_a_grant_beyond_any_balance_is_recorded_once_not_retried(
     billing: httpx.AsyncClient, engine: AsyncEngine, auth: dict[str, str], user_id: uuid.UUID
 ) -> None:
-    """A grant the database refuses (the balance would overflow) fails the request, so Stripe retries it."""
-    nearly_full = 2_147_000_000
+    """A grant the database cannot apply (the balance would pass 2**63) would fail the same way on every retry for
+    three days: it is recorded as rejected, nothing is half-written, and it is answered 200."""
+    nearly_full = 2**63 - 1000
     async with engine.begin() as connection:
         await connection.execute(
             text("INSERT INTO profiles (id, credits) VALUES (:id, :credits)"), {"id": user_id, "credits": nearly_full}
@@ -332,7 +333,44 @@ async def test_our_own_failure_is_5xx_and_records_nothing(
         )
     payload = event("checkout.session.completed", checkout_session(user_id, price=HUGE_PACK), int(time.time()))
     response = await deliver(billing, payload)
+    assert response.status_code == 200
+    assert response.json()["outcome"] == "rejected: its amounts are beyond what a balance can hold"
+    assert await stripe_events(engine) == [(payload["id"], "checkout.session.completed")]
+    assert (await billing.get("/profile", headers=auth)).json()["credits"] == nearly_full  # nothing half-written
+    await assert_ledger_consistent(engine)
+
+
+async def test_an_invoice_for_an_absurd_quantity_is_recorded_not_retried(
+    billing: httpx.AsyncClient, engine: AsyncEngine, auth: dict[str, str]
+) -> None:
+    assert (await billing.post("/profile", headers=auth)).status_code == 201
+    user_id = uuid.UUID((await billing.get("/profile", headers=auth)).json()["id"])
+    absurd = invoice("in_test_absurd", user_id)
+    absurd["lines"]["data"][0]["quantity"] = 2**62
+    response = await deliver(billing, event("invoice.paid", absurd, int(time.time())))
+    assert response.status_code == 200
+    assert response.json()["outcome"].startswith("rejected: ")
+    assert (await billing.get("/profile", headers=auth)).json()["credits"] == 1000
+    await assert_ledger_consistent(engine)
+
+
+async def test_our_own_failure_is_5xx_and_records_nothing(
+    billing: httpx.AsyncClient, engine: AsyncEngine, auth: dict[str, str], user_id: uuid.UUID
+) -> None:
+    """When applying fails on our side (here the ledger's table is missing), the answer is 5xx and nothing is
+    recorded, so Stripe's retry is processed normally once the fault is gone."""
+    assert (await billing.post("/profile", headers=auth)).status_code == 201
+    payload = event("checkout.session.completed", checkout_session(user_id), int(time.time()))
+    async with engine.begin() as connection:
+        await connection.execute(text("ALTER TABLE credit_entries RENAME TO credit_entries_away"))
+    try:
+        response = await deliver(billing, payload)
+    finally:
+        async with engine.begin() as connection:
+            await connection.execute(text("ALTER TABLE credit_entries_away RENAME TO credit_entries"))
     assert response.status_code == 500
     assert await stripe_events(engine) == []  # not recorded: the retry will be processed
-    assert (await billing.get("/profile", headers=auth)).json()["credits"] == nearly_full  # nothing half-written
+    assert (await billing.get("/profile", headers=auth)).json()["credits"] == 1000  # nothing half-written
+    retried = await deliver(billing, payload)
+    assert retried.json()["outcome"] == "granted 500 credits"
     await assert_ledger_consistent(engine)

@@ -193,6 +193,7 @@ async def test_each_policy_exists_once_and_hand_made_ones_are_gone(deployed: Dep
         ).all()
     assert [tuple(row) for row in policies] == [
         ("credit_entries", "credit_entries_select_own", "SELECT", "{authenticated}"),
+        ("credit_holds", "credit_holds_select_own", "SELECT", "{authenticated}"),
         ("profiles", "profiles_select_own", "SELECT", "{authenticated}"),
         ("profiles", "profiles_update_own", "UPDATE", "{authenticated}"),
     ]
@@ -291,7 +292,7 @@ async def test_two_deploys_starting_at_once_both_succeed(
     try:
         async with engine.connect() as connection:
             assert await connection.scalar(text("SELECT count(*) FROM alembic_version")) == 1
-            assert await connection.scalar(text("SELECT count(*) FROM pg_policies")) == 3
+            assert await connection.scalar(text("SELECT count(*) FROM pg_policies")) == 4
             assert await connection.scalar(text("SELECT count(*) FROM pg_publication_tables")) == 1
     finally:
         await engine.dispose()
@@ -359,7 +360,10 @@ async def test_signup_trigger_creates_the_profile_and_the_api_flow_still_works(
 async def test_check_reports_the_ledger_invariant(new_database: Callable[[], Awaitable[URL]], tmp_path: Path) -> None:
     url = await new_database()
     env = script_env(url, tmp_path)
-    assert "ledger         ok      no ledger yet" in (await run_script(env, tmp_path, "--check")).stdout
+    assert (
+        "ledger         ok      the ledger's tables are not all there yet"
+        in (await run_script(env, tmp_path, "--check")).stdout
+    )
     assert (await run_script(env, tmp_path)).returncode == 0
     engine = engine_for(url)
     try:
@@ -376,7 +380,8 @@ async def test_check_reports_the_ledger_invariant(new_database: Callable[[], Awa
         healthy = await run_script(env, tmp_path, "--check")
         assert healthy.returncode == 0, healthy.output
         assert (
-            "ledger         ok      every balance equals the sum of its ledger entries (1 profiles)" in healthy.stdout
+            "ledger         ok      every balance equals the sum of its ledger entries, every held total"
+            in healthy.stdout
         )
         async with engine.begin() as connection:  # a balance changed behind the ledger's back
             await connection.execute(text("UPDATE profiles SET credits = 45 WHERE id = :id"), {"id": user})
@@ -384,7 +389,8 @@ async def test_check_reports_the_ledger_invariant(new_database: Callable[[], Awa
     finally:
         await engine.dispose()
     assert_one_clear_sentence(
-        broken, f"ledger         FAILED  1 balance(s) differ from their ledger, e.g. profile {user}: balance 45"
+        broken,
+        f"ledger         FAILED  1 balance(s) differ from their ledger or holds, e.g. profile {user}: balance 45",
     )
 
 

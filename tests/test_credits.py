@@ -73,6 +73,8 @@ async def test_too_low_balance_is_402_with_the_numbers(client: httpx.AsyncClient
     assert response.json() == {
         "detail": "not enough credits: 1000 available, 1001 requested",
         "balance": 1000,
+        "held": 0,
+        "available": 1000,
         "requested": 1001,
     }
     assert (await client.get("/profile", headers=member)).json()["credits"] == 1000

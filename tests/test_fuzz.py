@@ -38,6 +38,9 @@ REFUSES_VALID_LOOKING_DATA = {
     "/webhook",  # a valid Stripe signature
     "/credits/spend",  # 402 once the balance is lower than the amount
     "/admin/profiles/{user_id}/credits",  # 402 below zero, 404 for a user without a profile
+    "/credits/holds",  # 402 once too little is available
+    "/credits/holds/{hold_id}/capture",  # 404 for a hold that does not exist
+    "/credits/holds/{hold_id}/release",
 }
 
 # The document the server publishes, built here so the test can be parametrized by operation.

@@ -154,6 +154,8 @@ async def test_dashboard(client: httpx.AsyncClient, token: TokenFactory, user_id
         "user": {"id": str(user_id), "email": "ada@example.com", "role": "authenticated"},
         "profile": None,
         "balance": None,
+        "held": None,
+        "available": None,
         "recent_entries": [],
     }
     await client.post("/profile", headers=headers, json={"full_name": "Ada"})

@@ -48,7 +48,7 @@ async def checkout(
         settings.catalogue,
         settings.billing_return_base,
         user,
-        settings.signup_credits,
+        settings.signup_grants,
         body.price_id,
     )
     return CheckoutOut(url=url, session_id=session_id)
@@ -78,6 +78,6 @@ async def portal(user: CurrentUser, sessions: SessionFactoryDep, settings: Setti
     },
 )
 async def webhook(event: VerifiedEvent, session: SessionDep, settings: SettingsDep) -> WebhookOut:
-    context = WebhookContext(session, settings.catalogue, settings.signup_credits)
+    context = WebhookContext(session, settings.catalogue, settings.signup_grants)
     result = await process_event(context, event)
     return WebhookOut(duplicate=result.duplicate, outcome=result.outcome)

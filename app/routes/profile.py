@@ -16,8 +16,8 @@ router = APIRouter(tags=["profile"], route_class=DbRoute)
     response_model=ProfileOut,
     responses=errors(401, 403, 404, 503),
 )
-async def get_profile(user: CurrentUser, db: Db) -> Response:
-    profile = await profiles.read_profile(db, user.id)
+async def get_profile(user: CurrentUser, db: Db, settings: SettingsDep) -> Response:
+    profile = await profiles.read_profile(db, user, settings.signup_credits)
     if profile is None:
         raise profiles.ProfileNotFound
     # Serialized here, once: FastAPI would validate the model again and then serialize it (every page reads this).
@@ -39,7 +39,7 @@ async def create_profile(
     user: CurrentUser, session: SessionDep, settings: SettingsDep, response: Response, body: ProfileCreate | None = None
 ) -> ProfileOut:
     full_name = body.full_name if body else None
-    profile, created = await profiles.get_or_create_profile(session, user.id, full_name, settings.signup_credits)
+    profile, created = await profiles.get_or_create_profile(session, user, full_name, settings.signup_grants)
     if not created:
         response.status_code = status.HTTP_200_OK
     return profile
@@ -59,12 +59,14 @@ async def update_profile(user: CurrentUser, session: SessionDep, body: ProfileUp
 @router.get(
     "/dashboard", summary="Who you are, with your profile, balance and latest entries", responses=errors(401, 403, 503)
 )
-async def dashboard(user: CurrentUser, db: Db) -> DashboardOut:
-    profile = await profiles.read_profile(db, user.id)
+async def dashboard(user: CurrentUser, db: Db, settings: SettingsDep) -> DashboardOut:
+    profile = await profiles.read_profile(db, user, settings.signup_credits)
     recent = await credits.list_entries(db, user.id, limit=5, before=None) if profile else []
     return DashboardOut(
         user=DashboardUser(id=user.id, email=user.email, role=user.role),
         profile=profile,
         balance=profile.credits if profile else None,
+        held=profile.held if profile else None,
+        available=profile.available if profile else None,
         recent_entries=recent,
     )

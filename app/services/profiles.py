@@ -6,11 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.database import Queries
+from app.auth import User
+from app.config import SignupGrants
+from app.database import Queries, SessionQueries
 from app.errors import AppError
 from app.models import CreditEntry, CreditKind, Profile
 from app.schemas import ProfileOut
@@ -58,15 +60,35 @@ def refuse_protected_fields(data: Any) -> None:
             raise ProtectedFields(protected)
 
 
-_PROFILE_COLUMNS = ", ".join(ProfileOut.model_fields)
-# Column names come from the schema, never from input.
-_READ_SQL = f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE id = $1"  # noqa: S608
+_COLUMNS = ", ".join(f"p.{name}" for name in ProfileOut.model_fields if name not in {"held", "available"})
+# Held: the active holds not yet past their expiry (an expired one stops counting at once, marked or not).
+_READ_SQL = f"""
+SELECT {_COLUMNS}, h.held, p.credits - h.held AS available
+FROM profiles p, LATERAL (
+    SELECT coalesce(sum(amount), 0)::bigint AS held FROM credit_holds
+    WHERE profile_id = p.id AND state = 'active' AND expires_at > now()
+) h
+WHERE p.id = $1
+"""  # noqa: S608 - column names from the schema
 _LOCK_SQL = "SELECT credits FROM profiles WHERE id = $1 FOR UPDATE"
+# The signup grant of an anonymous profile whose user now has a permanent account, once.
+_CONVERT_SQL = """
+WITH converted AS (
+    UPDATE profiles SET anonymous = false, credits = credits + $2 WHERE id = $1 AND anonymous RETURNING id, credits
+)
+INSERT INTO credit_entries (profile_id, amount, balance_after, kind, reference, note)
+SELECT id, $2, credits, 'signup_grant', $3, $4 FROM converted
+RETURNING id
+"""
 
 
-async def read_profile(db: Queries, user_id: UUID) -> ProfileOut | None:
-    """The profile as the API shows it (read on every page of the front end)."""
-    row = await db.fetchrow(_READ_SQL, user_id)
+async def read_profile(db: Queries, user: User, signup_credits: int) -> ProfileOut | None:
+    """The profile as the API shows it (read on every page of the front end). An anonymous profile whose user now
+    signs in with a permanent account gets its signup grant first."""
+    row = await db.fetchrow(_READ_SQL, user.id)
+    if row is not None and row["anonymous"] and not user.anonymous:
+        await db.fetchval(_CONVERT_SQL, user.id, signup_credits, SIGNUP_REFERENCE, SIGNUP_NOTE)
+        row = await db.fetchrow(_READ_SQL, user.id)
     return ProfileOut.model_validate(dict(row)) if row is not None else None
 
 
@@ -80,45 +102,44 @@ async def lock_profile(db: Queries, user_id: UUID) -> int:
 
 
 async def get_or_create_profile(
-    session: AsyncSession, user_id: UUID, full_name: str | None, signup_credits: int
+    session: AsyncSession, user: User, full_name: str | None, grants: SignupGrants
 ) -> tuple[ProfileOut, bool]:
-    """The user's profile and whether this call created it (with its signup grant in the ledger).
+    """The user's profile and whether this call created it, with its signup grant in the ledger (an anonymous
+    user's smaller one: the full grant follows with a permanent account).
 
     `ON CONFLICT DO NOTHING` makes concurrent first sign-ins safe: exactly one insert wins, the others wait
     for it and then read the row it made.
     """
+    credits = grants.anonymous if user.anonymous else grants.signup
     created = await session.scalar(
         insert(Profile)
-        .values(id=user_id, full_name=full_name, credits=signup_credits)
+        .values(id=user.id, full_name=full_name, credits=credits, anonymous=user.anonymous)
         .on_conflict_do_nothing(index_elements=[Profile.id])
-        .returning(Profile)
+        .returning(Profile.id)
     )
-    if created is not None:
+    if created is not None and (credits or not user.anonymous):
+        kind = CreditKind.ANONYMOUS_GRANT if user.anonymous else CreditKind.SIGNUP_GRANT
         await session.execute(
             insert(CreditEntry).values(
-                profile_id=user_id,
-                amount=signup_credits,
-                balance_after=signup_credits,
-                kind=CreditKind.SIGNUP_GRANT.value,
+                profile_id=user.id,
+                amount=credits,
+                balance_after=credits,
+                kind=kind.value,
                 reference=SIGNUP_REFERENCE,
-                note=SIGNUP_NOTE,
+                note=SIGNUP_NOTE if kind is CreditKind.SIGNUP_GRANT else "anonymous sign-in grant",
             )
         )
-        return ProfileOut.model_validate(created), True
-    existing = await session.scalar(select(Profile).where(Profile.id == user_id))
-    if existing is None:  # deleted between the two statements
+    profile = await read_profile(SessionQueries(session), user, grants.signup)
+    if profile is None:  # deleted between the two statements
         raise ProfileNotFound
-    return ProfileOut.model_validate(existing), False
+    return profile, created is not None
 
 
 async def update_full_name(session: AsyncSession, user_id: UUID, full_name: str | None) -> ProfileOut:
-    profile = await session.scalar(
-        update(Profile)
-        .where(Profile.id == user_id)
-        .values(full_name=full_name)
-        .returning(Profile)
-        .execution_options(populate_existing=True)
+    updated = await session.scalar(
+        update(Profile).where(Profile.id == user_id).values(full_name=full_name).returning(Profile.id)
     )
-    if profile is None:
+    row = await SessionQueries(session).fetchrow(_READ_SQL, user_id) if updated is not None else None
+    if row is None:
         raise ProfileNotFound
-    return ProfileOut.model_validate(profile)
+    return ProfileOut.model_validate(dict(row))

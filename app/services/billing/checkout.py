@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth import User
-from app.config import Catalogue
+from app.config import Catalogue, SignupGrants
 from app.errors import AppError
 from app.models import Profile
 from app.services import profiles
@@ -67,13 +67,13 @@ async def create_checkout(
     catalogue: Catalogue,
     return_base: str,
     user: User,
-    signup_credits: int,
+    grants: SignupGrants,
     price_id: str,
 ) -> tuple[str, str]:
     """A Checkout Session for a catalogue price: (url, session id). Credits are granted by the webhook."""
     offer = find_offer(catalogue, price_id)
     async with sessions.begin() as session:
-        profile, _ = await profiles.get_or_create_profile(session, user.id, None, signup_credits)
+        profile, _ = await profiles.get_or_create_profile(session, user, None, grants)
     status = profile.subscription_status
     if offer.mode == "subscription" and status is not None and status not in ENDED_STATUSES:
         raise SubscriptionExists(status)

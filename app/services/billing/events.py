@@ -13,7 +13,8 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from app.config import Catalogue
+from app.auth import User
+from app.config import Catalogue, SignupGrants
 from app.models import Profile
 from app.services import profiles
 from app.services.billing.payloads import Event, StripeModel
@@ -31,7 +32,7 @@ class WebhookContext:
 
     session: AsyncSession
     catalogue: Catalogue
-    signup_credits: int
+    grants: SignupGrants
 
 
 Payload = TypeVar("Payload", bound=StripeModel)
@@ -77,5 +78,5 @@ async def _user_by_metadata(ctx: WebhookContext, user_id: str | None) -> UUID | 
     except ValueError:
         logger.warning("Stripe metadata user_id %r is not a UUID", user_id[:64])
         return None
-    await profiles.get_or_create_profile(ctx.session, found, None, ctx.signup_credits)
+    await profiles.get_or_create_profile(ctx.session, User(found), None, ctx.grants)
     return found

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import stripe
 from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import AppError
@@ -95,9 +97,24 @@ async def _apply(ctx: WebhookContext, event: Event, handler: Handler[Any] | None
         logger.error("Stripe event %s (%s) rejected: %s", event.id, event.type, _problems(exc))
         return f"rejected: {_problems(exc)}"
     try:
-        return await handler.apply(ctx, event, payload)
+        # A savepoint: what the event asks may be impossible to apply (a grant beyond any balance), and then its
+        # writes are undone and the outcome recorded, instead of a 5xx Stripe would retry for three days.
+        async with ctx.session.begin_nested():
+            return await handler.apply(ctx, event, payload)
     except EventIgnored as ignored:
         return f"ignored: {ignored}"
+    except DBAPIError as exc:
+        if not _is_data_error(exc):
+            raise
+        logger.error("Stripe event %s (%s) cannot be applied: %s", event.id, event.type, type(exc.orig).__name__)
+        return "rejected: its amounts are beyond what a balance can hold"
+
+
+def _is_data_error(exc: DBAPIError) -> bool:
+    """PostgreSQL's data exceptions (class 22: a number out of range...), or asyncpg refusing to encode one."""
+    original = exc.orig.__cause__ if exc.orig is not None and exc.orig.__cause__ else exc.orig
+    refused_by_driver = isinstance(original, asyncpg.InterfaceError) and isinstance(original, ValueError)
+    return refused_by_driver or str(getattr(original, "sqlstate", "")).startswith("22")
 
 
 def _problems(exc: ValidationError) -> str:

@@ -189,6 +189,11 @@ def _sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
     return resources(request).sessions
 
 
+def _optional_stripe(request: Request) -> stripe.StripeClient | None:
+    connection = resources(request).stripe
+    return connection.client if connection is not None else None
+
+
 def _stripe(request: Request) -> stripe.StripeClient:
     connection = resources(request).stripe
     if connection is None:
@@ -209,6 +214,8 @@ SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
 # For the rare request that must not hold one transaction throughout (one that waits on Stripe).
 SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(_sessionmaker)]
 StripeDep = Annotated[stripe.StripeClient, Depends(_stripe)]
+# For the webhook, whose events about payments need Stripe's API and others do not.
+OptionalStripe = Annotated[stripe.StripeClient | None, Depends(_optional_stripe)]
 EngineDep = Annotated[AsyncEngine, Depends(_engine)]
 # Makes a balance-changing request safe to retry: per user, the same key and body get the first answer.
 IdempotencyKey = Annotated[

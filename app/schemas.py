@@ -260,3 +260,10 @@ class WebhookOut(BaseModel):
     received: bool = True
     duplicate: bool = Field(description="The event was already processed; nothing changed")
     outcome: str = Field(description="What processing did", examples=["granted 500 credits"])
+
+
+class ReplayOut(BaseModel):
+    event_id: str
+    type: str = Field(examples=["invoice.paid"])
+    duplicate: bool = Field(description="The event was already processed; nothing changed")
+    outcome: str = Field(description="What processing did", examples=["granted 2000 credits"])

@@ -262,11 +262,8 @@ def fake_server() -> Iterator[FakeStripe]:
 
 @pytest.fixture
 def fake_stripe(fake_server: FakeStripe) -> FakeStripe:
-    fake_server.requests.clear()
-    fake_server.answered.clear()
-    fake_server.failure = None
-    fake_server.fail_path = None
-    fake_server.delay = 0.0
+    """The module's fake Stripe, emptied for this test."""
+    fake_server.reset()
     return fake_server
 
 

@@ -1,9 +1,12 @@
-"""Stripe events as Stripe sends them, signed with the endpoint's secret, and what tests read back.
+"""Stripe objects and events as Stripe sends them, signed with the endpoint's secret, and what tests read back.
 
 Every webhook here is signed the way Stripe signs them (HMAC-SHA256 of "<t>.<body>" with the endpoint's
-secret), and event payloads have the shape of the API version the pinned library uses (2025-03-31 and later:
-an invoice's subscription under `parent.subscription_details`, a line's price under `pricing.price_details`,
-the billing period on the subscription items).
+secret), and payloads have the shape of the API version the pinned library uses (2025-03-31 and later: an
+invoice's subscription under `parent.subscription_details`, a line's price under `pricing.price_details`, the
+billing period on the subscription items, an invoice's payments in a list of their own).
+
+A purchase starts as a real one does: POST /billing/checkout, which records the checkout and asks the fake Stripe
+for a session; the builders then describe what Stripe reports about it, and put that state in the fake too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hmac
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -21,7 +25,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.services.credits import find_ledger_mismatches
-from tests.fake_stripe import PACK, PLAN, WEBHOOK_SECRET
+from tests.fake_stripe import PACK, PLAN, WEBHOOK_SECRET, FakeStripe
+
+PRICE_OF = {PACK: 900, PLAN: 1900}  # what the tests' prices cost, in cents
 
 
 def signed(event: dict[str, Any], secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> dict[str, Any]:
@@ -35,12 +41,12 @@ def signed(event: dict[str, Any], secret: str = WEBHOOK_SECRET, timestamp: int |
     }
 
 
-def event(kind: str, obj: dict[str, Any], created: int, event_id: str | None = None) -> dict[str, Any]:
+def event(kind: str, obj: dict[str, Any], created: int | None = None, event_id: str | None = None) -> dict[str, Any]:
     return {
         "id": event_id or f"evt_{uuid.uuid4().hex[:24]}",
         "object": "event",
         "api_version": stripe.api_version,
-        "created": created,
+        "created": int(time.time()) if created is None else created,
         "livemode": False,
         "pending_webhooks": 1,
         "request": {"id": None, "idempotency_key": None},
@@ -49,49 +55,71 @@ def event(kind: str, obj: dict[str, Any], created: int, event_id: str | None = N
     }
 
 
-def checkout_session(
-    user_id: uuid.UUID,
+@dataclass(frozen=True)
+class Purchase:
+    """A checkout made through the API, as the fake Stripe recorded it."""
+
+    session_id: str
+    user_id: uuid.UUID
+    customer: str
+    metadata: dict[str, str]
+    price: str
+    mode: str
+
+
+async def purchase(
+    billing: httpx.AsyncClient, fake: FakeStripe, headers: dict[str, str], price: str = PACK
+) -> Purchase:
+    response = await billing.post("/billing/checkout", headers=headers, json={"price_id": price})
+    assert response.status_code == 200, response.text
+    session = fake.checkout_sessions[response.json()["session_id"]]
+    metadata = dict(session["metadata"])
+    return Purchase(
+        session["id"], uuid.UUID(metadata["user_id"]), session["customer"], metadata, price, session["mode"]
+    )
+
+
+def completed(
+    fake: FakeStripe,
+    bought: Purchase,
     *,
-    price: str = PACK,
-    mode: str = "payment",
     payment_status: str = "paid",
-    session_id: str = "cs_test_pack",
-    customer: str = "cus_test_buyer",
-    subscription: str | None = None,
+    payment_intent: str | None = None,
+    subscription_id: str | None = None,
 ) -> dict[str, Any]:
-    return {
-        "id": session_id,
-        "object": "checkout.session",
-        "mode": mode,
-        "status": "complete",
-        "payment_status": payment_status,
-        "customer": customer,
-        "subscription": subscription,
-        "client_reference_id": str(user_id),
-        "metadata": {"user_id": str(user_id), "price_id": price},
-        "amount_total": 900,
-        "currency": "usd",
-    }
+    """The checkout session as Stripe reports it once the customer went through it (and now holds it)."""
+    session = dict(fake.checkout_sessions[bought.session_id])
+    session.update(
+        status="complete",
+        payment_status=payment_status,
+        payment_intent=(payment_intent or f"pi_{bought.session_id}") if bought.mode == "payment" else None,
+        amount_total=PRICE_OF.get(bought.price, 900),
+        currency="usd",
+        subscription=subscription_id,
+        client_reference_id=str(bought.user_id),
+    )
+    fake.checkout_sessions[bought.session_id] = session
+    return session
 
 
 def subscription(
-    user_id: uuid.UUID | None,
+    bought: Purchase | None,
     *,
     status: str,
     period_end: int,
     cancel_at_period_end: bool = False,
     subscription_id: str = "sub_test_pro",
-    customer: str = "cus_test_buyer",
+    customer: str | None = None,
     price: str = PLAN,
 ) -> dict[str, Any]:
     return {
         "id": subscription_id,
         "object": "subscription",
-        "customer": customer,
+        "customer": customer or (bought.customer if bought else "cus_test_someone"),
         "status": status,
         "cancel_at_period_end": cancel_at_period_end,
         "cancel_at": period_end if cancel_at_period_end else None,
-        "metadata": {"user_id": str(user_id)} if user_id else {},
+        "metadata": dict(bought.metadata) if bought else {},
         "items": {
             "object": "list",
             "has_more": False,
@@ -111,26 +139,28 @@ def subscription(
 
 def invoice(
     invoice_id: str,
-    user_id: uuid.UUID | None,
+    bought: Purchase | None,
     *,
     subscription_id: str = "sub_test_pro",
-    customer: str = "cus_test_buyer",
+    customer: str | None = None,
     price: str = PLAN,
     proration: bool = False,
+    quantity: int = 1,
 ) -> dict[str, Any]:
     return {
         "id": invoice_id,
         "object": "invoice",
-        "customer": customer,
+        "customer": customer or (bought.customer if bought else "cus_test_someone"),
         "status": "paid",
         "billing_reason": "subscription_cycle",
-        "amount_paid": 1900,
+        "amount_paid": 1900 * quantity,
+        "currency": "usd",
         "parent": {
             "type": "subscription_details",
             "quote_details": None,
             "subscription_details": {
                 "subscription": subscription_id,
-                "metadata": {"user_id": str(user_id)} if user_id else {},
+                "metadata": dict(bought.metadata) if bought else {},
                 "subscription_proration_date": None,
             },
         },
@@ -141,8 +171,8 @@ def invoice(
                 {
                     "id": f"il_{invoice_id}",
                     "object": "line_item",
-                    "amount": 1900,
-                    "quantity": 1,
+                    "amount": 1900 * quantity,
+                    "quantity": quantity,
                     "parent": {
                         "type": "subscription_item_details",
                         "invoice_item_details": None,
@@ -165,6 +195,38 @@ def invoice(
     }
 
 
+def paid_invoice(fake: FakeStripe, *args: Any, payment_intent: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """An invoice Stripe holds as paid, with the payment behind it in its payments list."""
+    paid = invoice(*args, **kwargs)
+    fake.holds(paid)
+    fake.pays(paid["id"], payment_intent or f"pi_{paid['id']}", paid["amount_paid"])
+    return paid
+
+
+def charge(payment_intent: str, amount: int, refunded: int = 0) -> dict[str, Any]:
+    return {
+        "id": f"ch_{payment_intent}",
+        "object": "charge",
+        "payment_intent": payment_intent,
+        "amount": amount,
+        "amount_refunded": refunded,
+        "refunded": refunded == amount,
+        "currency": "usd",
+    }
+
+
+def dispute(dispute_id: str, payment_intent: str, amount: int, status: str) -> dict[str, Any]:
+    return {
+        "id": dispute_id,
+        "object": "dispute",
+        "charge": f"ch_{payment_intent}",
+        "payment_intent": payment_intent,
+        "amount": amount,
+        "currency": "usd",
+        "status": status,
+    }
+
+
 async def deliver(client: httpx.AsyncClient, payload: dict[str, Any]) -> httpx.Response:
     return await client.post("/webhook", **signed(payload))
 
@@ -175,13 +237,17 @@ async def profile_row(engine: AsyncEngine, user_id: uuid.UUID) -> Any:
 
 
 async def grants(engine: AsyncEngine, user_id: uuid.UUID) -> list[tuple[str, int, str]]:
+    return await entries(engine, user_id, "purchase", "subscription_grant")
+
+
+async def entries(engine: AsyncEngine, user_id: uuid.UUID, *kinds: str) -> list[tuple[str, int, str]]:
     async with engine.connect() as connection:
         rows = await connection.execute(
             text(
                 "SELECT kind, amount, reference FROM credit_entries WHERE profile_id = :id "
-                "AND kind IN ('purchase', 'subscription_grant') ORDER BY id"
+                "AND kind = ANY(:kinds) ORDER BY id"
             ),
-            {"id": user_id},
+            {"id": user_id, "kinds": list(kinds)},
         )
         return [(row.kind, row.amount, row.reference) for row in rows]
 
@@ -195,3 +261,8 @@ async def stripe_events(engine: AsyncEngine) -> list[tuple[str, str]]:
     async with engine.connect() as connection:
         rows = await connection.execute(text("SELECT id, type FROM stripe_events ORDER BY created, id"))
         return [(row.id, row.type) for row in rows]
+
+
+async def outcomes(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as connection:
+        return list(await connection.scalars(text("SELECT outcome FROM stripe_events ORDER BY processed_at, id")))

@@ -321,3 +321,23 @@ async def test_with_every_connection_taken_a_request_waits_at_most_the_pool_time
         reads = await asyncio.gather(*(http.get("/profile", headers=user) for _ in range(5)))
         assert [read.status_code for read in reads] == [200] * 5
         assert reads[0].json()["credits"] == 999
+
+
+async def test_an_adjustment_retried_twenty_times_at_once_with_one_key_is_one_entry(
+    client: httpx.AsyncClient, member: dict[str, str], user_id: uuid.UUID, engine: AsyncEngine
+) -> None:
+    """A support tool that retries never grants twice: the same key and body get the first answer."""
+    headers = {**SERVICE, "Idempotency-Key": "ticket-123"}
+    body = {"amount": 250, "reason": "support: failed generation"}
+    answers = await asyncio.gather(
+        *(client.post(f"/admin/profiles/{user_id}/credits", headers=headers, json=body) for _ in range(20))
+    )
+    assert {answer.status_code for answer in answers} == {200}
+    assert len({answer.json()["entry"]["id"] for answer in answers}) == 1
+    assert (await client.get("/profile", headers=member)).json()["credits"] == 1250
+    other = await client.post(f"/admin/profiles/{user_id}/credits", headers=headers, json={**body, "amount": 300})
+    assert other.status_code == 409
+    async with engine.connect() as connection:
+        count = await connection.scalar(text("SELECT count(*) FROM credit_entries WHERE kind = 'adjustment'"))
+    assert count == 1
+    assert await mismatches(engine) == []

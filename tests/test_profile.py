@@ -227,3 +227,29 @@ async def test_docs_describe_the_api(client: httpx.AsyncClient) -> None:
     assert {"401", "403", "404", "422"} <= set(put["responses"])
     assert (await client.get("/docs")).status_code == 200
     assert (await client.get("/redoc")).status_code == 200
+
+
+async def test_an_anonymous_sign_in_gets_the_signup_grant_only_with_a_permanent_account(
+    client: httpx.AsyncClient, token: TokenFactory, user_id: uuid.UUID, engine: AsyncEngine
+) -> None:
+    """Throwaway anonymous accounts do not farm free credits: the grant comes, once, with a permanent account."""
+    anonymous = bearer(token(user_id, email=None, is_anonymous=True))
+    created = await client.post("/profile", headers=anonymous)
+    assert created.status_code == 201
+    assert (created.json()["credits"], created.json()["anonymous"]) == (0, True)  # ANONYMOUS_SIGNUP_CREDITS
+    assert (await client.get("/profile", headers=anonymous)).json()["credits"] == 0
+    # The same user, now with a permanent account (Supabase keeps the id when it converts one).
+    permanent = bearer(token(user_id, email="ada@example.com", is_anonymous=False))
+    converted = (await client.get("/profile", headers=permanent)).json()
+    assert (converted["credits"], converted["anonymous"]) == (1000, False)
+    for _ in range(2):  # seen again, either way: no second grant
+        await client.get("/profile", headers=permanent)
+        await client.get("/profile", headers=anonymous)
+    assert (await client.get("/dashboard", headers=permanent)).json()["balance"] == 1000
+    async with engine.connect() as connection:
+        kinds = list(
+            await connection.scalars(
+                text("SELECT kind FROM credit_entries WHERE profile_id = :id ORDER BY id"), {"id": user_id}
+            )
+        )
+    assert kinds == ["signup_grant"]

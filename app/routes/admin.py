@@ -4,10 +4,12 @@ from uuid import UUID
 
 from fastapi import APIRouter
 
-from app.deps import Db, DbRoute, IdempotencyKey, ServiceRole
+from app.deps import Db, DbRoute, IdempotencyKey, ServiceRole, SessionDep, SettingsDep, StripeDep
 from app.routes.responses import errors
-from app.schemas import AdjustmentRequest, BalanceChangeOut
+from app.schemas import AdjustmentRequest, BalanceChangeOut, ReplayOut
 from app.services import credits
+from app.services.billing.events import WebhookContext
+from app.services.billing.webhook import replay_event
 
 router = APIRouter(tags=["admin"], route_class=DbRoute)
 
@@ -25,3 +27,19 @@ async def adjust(
     _: ServiceRole, db: Db, user_id: UUID, body: AdjustmentRequest, idempotency_key: IdempotencyKey = None
 ) -> BalanceChangeOut:
     return BalanceChangeOut.of(await credits.adjust(db, user_id, body.amount, body.reason, idempotency_key))
+
+
+@router.post(
+    "/admin/stripe/events/{event_id}/replay",
+    summary="Fetch one Stripe event and process it now (service role)",
+    description=(
+        'For support ("my credits never arrived"): the event is fetched from Stripe\'s API and processed as if '
+        "delivered now. An event already processed changes nothing (`duplicate`); 404 when Stripe does not have it."
+    ),
+    responses=errors(401, 403, 404, 502, 503),
+)
+async def replay(
+    _: ServiceRole, event_id: str, session: SessionDep, settings: SettingsDep, client: StripeDep
+) -> ReplayOut:
+    result = await replay_event(WebhookContext(session, settings.catalogue, client), event_id)
+    return ReplayOut(event_id=event_id, type=result.type, duplicate=result.duplicate, outcome=result.outcome)

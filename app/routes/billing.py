@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 
 from app.config import CatalogueItem
-from app.deps import CurrentUser, SessionDep, SessionFactoryDep, SettingsDep, StripeDep, VerifiedEvent
+from app.deps import CurrentUser, OptionalStripe, SessionDep, SessionFactoryDep, SettingsDep, StripeDep, VerifiedEvent
 from app.routes.responses import errors
 from app.schemas import CatalogueEntryOut, CheckoutOut, CheckoutRequest, ErrorResponse, PlansOut, PortalOut, WebhookOut
 from app.services.billing import checkout as billing
@@ -77,7 +77,9 @@ async def portal(user: CurrentUser, sessions: SessionFactoryDep, settings: Setti
         **errors(413, 503),
     },
 )
-async def webhook(event: VerifiedEvent, session: SessionDep, settings: SettingsDep) -> WebhookOut:
-    context = WebhookContext(session, settings.catalogue, settings.signup_grants)
+async def webhook(
+    event: VerifiedEvent, session: SessionDep, settings: SettingsDep, client: OptionalStripe
+) -> WebhookOut:
+    context = WebhookContext(session, settings.catalogue, client)
     result = await process_event(context, event)
     return WebhookOut(duplicate=result.duplicate, outcome=result.outcome)

@@ -7,6 +7,7 @@ customer are kept even when the checkout itself then fails; a retry reuses them.
 
 from __future__ import annotations
 
+import uuid
 from uuid import UUID
 
 import stripe
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.auth import User
 from app.config import Catalogue, SignupGrants
 from app.errors import AppError
-from app.models import Profile
+from app.models import CheckoutSession, Profile
 from app.services import profiles
 from app.services.billing.rules import ENDED_STATUSES, find_offer
 from app.services.billing.stripe_api import StripeFailed
@@ -78,7 +79,8 @@ async def create_checkout(
     if offer.mode == "subscription" and status is not None and status not in ENDED_STATUSES:
         raise SubscriptionExists(status)
     customer = profile.stripe_customer_id or await _create_customer(sessions, client, user)
-    metadata = offer.metadata(str(user.id))
+    reference = uuid.uuid4()
+    metadata = offer.metadata(str(user.id), str(reference))
     params: stripe.params.checkout.SessionCreateParams = {
         "mode": offer.mode,
         "customer": customer,
@@ -89,7 +91,7 @@ async def create_checkout(
         "cancel_url": return_base + CANCEL_PATH,
     }
     if offer.mode == "subscription":
-        # Copied onto every invoice of the subscription, so each renewal finds its user.
+        # Copied onto the subscription and every invoice of it, so each renewal finds this checkout.
         params["subscription_data"] = {"metadata": metadata}
     try:
         checkout = await client.v1.checkout.sessions.create_async(params)
@@ -97,6 +99,20 @@ async def create_checkout(
         raise StripeFailed("create the checkout session", exc) from None
     if not checkout.url:
         raise StripeFailed("create the checkout session")
+    # Recorded before the URL goes out: the webhook grants only for checkouts this service created, and what
+    # they sold, whatever a session's metadata says.
+    async with sessions.begin() as session:
+        session.add(
+            CheckoutSession(
+                id=checkout.id,
+                profile_id=user.id,
+                reference=reference,
+                mode=offer.mode,
+                price_id=offer.price_id,
+                name=offer.item.name,
+                credits=offer.item.credits,
+            )
+        )
     return checkout.url, checkout.id
 
 

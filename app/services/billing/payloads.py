@@ -23,6 +23,8 @@ def _id_of(value: Any) -> Any:
 ObjectId = Annotated[str | None, BeforeValidator(_id_of)]
 # Stripe times are whole seconds since the epoch; anything else is refused (a 1e15 is no time).
 Timestamp = Annotated[int, Field(ge=0, le=253_402_300_799)]  # up to the year 9999
+# Money in the currency's smallest unit; quantities. Both fit a bigint.
+Amount = Annotated[int, Field(ge=0, le=2**62)]
 Metadata = dict[str, str]
 
 
@@ -52,16 +54,17 @@ class CheckoutSession(StripeModel):
     payment_status: str | None = None
     customer: ObjectId = None
     subscription: ObjectId = None
-    client_reference_id: str | None = None
+    payment_intent: ObjectId = None
+    amount_total: Amount | None = None
+    currency: str | None = None
     metadata: Metadata = Field(default_factory=dict)
-
-    @property
-    def user_id(self) -> str | None:
-        return self.metadata.get("user_id") or self.client_reference_id
+    # Not Stripe's: the subscription a subscription checkout started, as Stripe's API reports it now.
+    subscription_state: Subscription | None = None
 
 
 class _SubscriptionDetails(StripeModel):
-    subscription: ObjectId = None
+    # Its id, or the subscription itself when the invoice was fetched with it expanded.
+    subscription: str | Subscription | None = None
     metadata: Metadata = Field(default_factory=dict)
 
 
@@ -87,7 +90,7 @@ class _LineParent(StripeModel):
 
 
 class InvoiceLine(StripeModel):
-    quantity: int | None = None
+    quantity: Amount | None = None
     pricing: _LinePricing | None = None
     parent: _LineParent | None = None
     # Before 2025-03-31.
@@ -118,14 +121,34 @@ class _Lines(StripeModel):
     data: list[InvoiceLine] = Field(default_factory=list)
 
 
+class _PaymentReference(StripeModel):
+    payment_intent: ObjectId = None
+
+
+class InvoicePayment(StripeModel):
+    status: str | None = None
+    amount_paid: Amount | None = None
+    currency: str | None = None
+    payment: _PaymentReference | None = None
+
+
+class _Payments(StripeModel):
+    data: list[InvoicePayment] = Field(default_factory=list)
+
+
 class Invoice(StripeModel):
     id: str = Field(min_length=1)
     customer: ObjectId = None
     parent: _InvoiceParent | None = None
     lines: _Lines = Field(default_factory=_Lines)
+    # 2025-03-31+: a list of its own, present when the invoice was fetched with it expanded.
+    payments: _Payments | None = None
     # Before 2025-03-31.
-    subscription: ObjectId = None
+    subscription: str | Subscription | None = None
     subscription_details: _SubscriptionDetails | None = None
+    payment_intent: ObjectId = None
+    amount_paid: Amount | None = None
+    currency: str | None = None
 
     @property
     def _details(self) -> _SubscriptionDetails | None:
@@ -133,9 +156,31 @@ class Invoice(StripeModel):
         return newer or self.subscription_details
 
     @property
-    def subscription_id(self) -> str | None:
+    def _subscription(self) -> str | Subscription | None:
         details = self.parent.subscription_details if self.parent else None
         return details.subscription if details else self.subscription
+
+    @property
+    def subscription_id(self) -> str | None:
+        found = self._subscription
+        return found.id if isinstance(found, Subscription) else found
+
+    @property
+    def expanded_subscription(self) -> Subscription | None:
+        found = self._subscription
+        return found if isinstance(found, Subscription) else None
+
+    @property
+    def paid_with(self) -> tuple[str, int, str | None] | None:
+        """The PaymentIntent that paid it, the amount, the currency: from its payments list (2025-03-31+), else
+        from the invoice itself (older versions)."""
+        paid = [p for p in self.payments.data if p.status == "paid"] if self.payments else []
+        for payment in paid:
+            if payment.payment and payment.payment.payment_intent and payment.amount_paid is not None:
+                return payment.payment.payment_intent, payment.amount_paid, payment.currency
+        if self.payment_intent and self.amount_paid is not None:
+            return self.payment_intent, self.amount_paid, self.currency
+        return None
 
     @property
     def metadata(self) -> Metadata:
@@ -158,6 +203,8 @@ class _Items(StripeModel):
 
 
 class Subscription(StripeModel):
+    """As Stripe's API returns it now (the webhook's copy may be older than the state)."""
+
     id: str = Field(min_length=1)
     status: str = "incomplete"
     customer: ObjectId = None
@@ -169,4 +216,23 @@ class Subscription(StripeModel):
     current_period_end: Timestamp | None = None
 
 
+class Charge(StripeModel):
+    id: str = Field(min_length=1)
+    payment_intent: ObjectId = None
+    amount: Amount
+    amount_refunded: Amount = 0
+    currency: str | None = None
+
+
+class Dispute(StripeModel):
+    id: str = Field(min_length=1)
+    charge: ObjectId = None
+    payment_intent: ObjectId = None
+    amount: Amount
+    status: str
+
+
 Event.model_rebuild()
+CheckoutSession.model_rebuild()
+_SubscriptionDetails.model_rebuild()
+Invoice.model_rebuild()

@@ -31,10 +31,12 @@ class Offer:
     item: CatalogueItem
     mode: Mode
 
-    def metadata(self, user_id: str) -> dict[str, str]:
-        """What the checkout records it sold, so a price later taken out of the catalogue still grants what
-        the customer bought (a subscription's renewals, a delayed payment)."""
+    def metadata(self, user_id: str, reference: str) -> dict[str, str]:
+        """Written on the checkout and its subscription: our reference to the recorded checkout (which holds what
+        it sold, so a price later taken out of the catalogue still grants what the customer bought), and the rest
+        for people reading Stripe's dashboard."""
         return {
+            "checkout_reference": reference,
             "user_id": user_id,
             "price_id": self.price_id,
             "credits": str(self.item.credits),
@@ -61,21 +63,32 @@ def sold_item(metadata: Metadata, price_id: str | None) -> CatalogueItem | None:
         return None
 
 
-def pack_sold(catalogue: Catalogue, metadata: Metadata) -> CatalogueItem | None:
-    price_id = metadata.get("price_id")
-    return (catalogue.packs.get(price_id) if price_id else None) or sold_item(metadata, price_id)
-
-
-def plan_lines(catalogue: Catalogue, invoice: Invoice) -> list[tuple[CatalogueItem, int]]:
-    """The plans an invoice charges a period of, with their quantities (prorations left out): from the
-    catalogue, or, for a price since retired, what the subscription's checkout sold."""
+def plan_lines(
+    catalogue: Catalogue, invoice: Invoice, sold: tuple[str, CatalogueItem] | None
+) -> list[tuple[CatalogueItem, int]]:
+    """The plans an invoice charges a period of, with their quantities (prorations and one-off items left out):
+    what the subscription's checkout sold for its price (`sold`: price id and item), the catalogue's plan for
+    another price (a plan changed in the portal), and for subscriptions from before checkouts were recorded, what
+    their metadata says was sold."""
     found = []
     for line in invoice.lines.data:
         price_id = line.price_id
-        plan = (catalogue.plans.get(price_id) if price_id else None) or sold_item(invoice.metadata, price_id)
-        if plan is not None and line.charges_a_subscription_period:
+        if price_id is None or not line.charges_a_subscription_period:
+            continue
+        if sold is not None and price_id == sold[0]:
+            plan: CatalogueItem | None = sold[1]
+        else:
+            plan = catalogue.plans.get(price_id) or (sold_item(invoice.metadata, price_id) if sold is None else None)
+        if plan is not None:
             found.append((plan, line.units))
     return found
+
+
+def share(credits: int, part: int, whole: int) -> int:
+    """round(credits x part / whole), halves up, in whole numbers: a refunded or disputed share of a grant."""
+    if whole <= 0:
+        return credits
+    return (2 * credits * part + whole) // (2 * whole)
 
 
 # --- Subscription state ------------------------------------------------------------------------------------
@@ -85,55 +98,31 @@ def plan_lines(catalogue: Catalogue, invoice: Invoice) -> list[tuple[CatalogueIt
 class SubscriptionState:
     subscription_id: str
     status: str
-    # None: not known from this event (kept when it is about the stored subscription).
     price_id: str | None
     current_period_end: datetime | None
-    cancel_at_period_end: bool | None
-
-
-@dataclass(frozen=True, slots=True)
-class StoredSubscription:
-    subscription_id: str | None
-    status: str | None
-    event_at: datetime | None
+    cancel_at_period_end: bool
 
 
 def _time(value: int | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if value is not None else None
 
 
-def subscription_state(catalogue: Catalogue, subscription: Subscription, *, deleted: bool) -> SubscriptionState:
-    """The state to store for a subscription: its catalogue plan's item (else its first), and whether it ends."""
+def subscription_state(catalogue: Catalogue, subscription: Subscription) -> SubscriptionState:
+    """The state to store for a subscription as Stripe's API reports it: its catalogue plan's item (else its
+    first), and whether it ends."""
     items = subscription.items.data
     item = next((i for i in items if i.price and i.price.id in catalogue.plans), items[0] if items else None)
     # 2025-03-31+: the period is per item; before, on the subscription.
     period_end = _time(item.current_period_end if item else None) or _time(subscription.current_period_end)
-    status = "canceled" if deleted else subscription.status
+    status = subscription.status
     # `cancel_at` set (the portal may use it instead of cancel_at_period_end) also means "will not renew".
     ending = subscription.cancel_at_period_end or subscription.cancel_at is not None
     price_id = item.price.id if item and item.price else None
     return SubscriptionState(subscription.id, status, price_id, period_end, ending and status not in ENDED_STATUSES)
 
 
-def _lifecycle(status: str | None) -> int:
-    """Order within one subscription's life, to settle two events stamped in the same second."""
-    if status == "incomplete":
-        return 0
-    return 2 if status in ENDED_STATUSES else 1
-
-
-def why_not_applied(stored: StoredSubscription, state: SubscriptionState, at: datetime) -> str | None:
-    """Why an event at `at` may not replace the stored subscription state (an older one never does); None if it may."""
-    if stored.event_at is None or stored.subscription_id is None:
-        return None
-    if stored.subscription_id != state.subscription_id:
-        stored_live = stored.status not in ENDED_STATUSES
-        new_live = state.status not in ENDED_STATUSES
-        if stored_live and not new_live:  # another subscription ending never hides a live one
-            return f"ignored: subscription {stored.subscription_id} is live"
-        if new_live and not stored_live:  # and a live one replaces an ended one
-            return None
-        return None if at >= stored.event_at else "ignored: older than the stored subscription state"
-    if at > stored.event_at or (at == stored.event_at and _lifecycle(state.status) >= _lifecycle(stored.status)):
-        return None
-    return "ignored: older than the stored subscription state"
+def hides_live_subscription(stored_id: str | None, stored_status: str | None, state: SubscriptionState) -> bool:
+    """Whether storing `state` would hide another subscription of the profile's that is still live: a second,
+    ended subscription (an old one, or one that failed at checkout) never replaces a live one on the profile."""
+    stored_live = stored_id is not None and stored_status not in ENDED_STATUSES
+    return stored_live and stored_id != state.subscription_id and state.status in ENDED_STATUSES

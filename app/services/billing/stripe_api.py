@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 import stripe
 
@@ -71,3 +73,29 @@ def connect_stripe(settings: Settings) -> StripeConnection | None:
         max_network_retries=settings.stripe_max_network_retries,
     )
     return StripeConnection(client, http)
+
+
+class StripeUnreachable(ServiceUnavailable):
+    """Stripe's API did not answer in time (or answered with its own failure): the event is tried again later."""
+
+    default_detail = "Stripe's API could not be reached: nothing was changed, try again later"
+    retry_after = 60
+
+
+async def fetch(action: str, call: Awaitable[stripe.StripeObject]) -> dict[str, Any] | None:
+    """One call to Stripe's API, as a plain dict; None when the object does not exist. Stripe being unreachable,
+    slow or failing on its side is a 503 (nothing written), so Stripe retries the event later; a refusal of this
+    server's request is a 502."""
+    try:
+        found = await call
+    except stripe.InvalidRequestError as exc:
+        if exc.code == "resource_missing":
+            return None
+        raise StripeFailed(action, exc) from None
+    except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
+        logger.warning("Stripe could not %s: %s (request %s)", action, type(exc).__name__, exc.request_id)
+        raise StripeUnreachable from None
+    except stripe.StripeError as exc:
+        raise StripeFailed(action, exc) from None
+    data: dict[str, Any] = found.to_dict()
+    return data

@@ -7,7 +7,7 @@ changes nothing; grants are also unique per Stripe object (checkout session, inv
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +24,7 @@ from app.models import StripeEvent
 from app.services.billing.events import EventIgnored, Handler, WebhookContext
 from app.services.billing.handlers import HANDLERS
 from app.services.billing.payloads import Event
+from app.services.billing.stripe_api import fetch
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,31 @@ def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str
 class WebhookResult:
     duplicate: bool
     outcome: str
+    type: str = ""
+
+
+class EventNotFound(AppError):
+    status_code = 404
+    default_detail = "Stripe has no event with this id (it keeps events for 30 days)"
+
+
+async def replay_event(ctx: WebhookContext, event_id: str) -> WebhookResult:
+    """One event fetched from Stripe's API and processed as if delivered now (nothing changes if it was)."""
+    data = await fetch("read the event", ctx.client.v1.events.retrieve_async(event_id))
+    if data is None:
+        raise EventNotFound
+    return await process_event(ctx, data)
 
 
 async def process_event(ctx: WebhookContext, data: dict[str, Any]) -> WebhookResult:
-    """Record the event and apply it, in the caller's transaction; a duplicate delivery changes nothing."""
+    """Record the event and apply it, in the caller's transaction; a duplicate delivery changes nothing. What the
+    handler needs from Stripe's API is fetched first, before any database work."""
     try:
         event = Event.model_validate(data)
     except ValidationError as exc:
         return await _reject(ctx.session, data, exc)
+    handler = HANDLERS.get(event.type)
+    prepared = await _prepare(ctx, event, handler) if handler else None
     recorded = await ctx.session.scalar(
         insert(StripeEvent)
         .values(id=event.id, type=event.type, created=event.created_at)
@@ -81,26 +99,36 @@ async def process_event(ctx: WebhookContext, data: dict[str, Any]) -> WebhookRes
     )
     if recorded is None:
         logger.info("Stripe event %s (%s) already processed", event.id, event.type)
-        return WebhookResult(duplicate=True, outcome="duplicate: already processed")
-    outcome = await _apply(ctx, event, HANDLERS.get(event.type))
+        return WebhookResult(duplicate=True, outcome="duplicate: already processed", type=event.type)
+    if handler is None:
+        outcome = "ignored: event type not handled"
+    elif isinstance(prepared, str):
+        outcome = prepared
+    else:
+        outcome = await _apply(replace(ctx, event_id=event.id), event, handler, prepared)
     await ctx.session.execute(update(StripeEvent).where(StripeEvent.id == event.id).values(outcome=outcome))
     logger.info("Stripe event %s (%s): %s", event.id, event.type, outcome)
-    return WebhookResult(duplicate=False, outcome=outcome)
+    return WebhookResult(duplicate=False, outcome=outcome, type=event.type)
 
 
-async def _apply(ctx: WebhookContext, event: Event, handler: Handler[Any] | None) -> str:
-    if handler is None:
-        return "ignored: event type not handled"
+async def _prepare(ctx: WebhookContext, event: Event, handler: Handler[Any]) -> Any:
+    """The event's payload, read into its model and completed from Stripe's API; or, when it cannot be, the
+    outcome that says why (a payload signed by Stripe, but not in a shape we can act on)."""
     try:
         payload = handler.payload.model_validate(event.data.object)
-    except ValidationError as exc:  # signed by Stripe, but not in a shape we can act on
+        return await handler.prepare(ctx, payload) if handler.prepare else payload
+    except ValidationError as exc:
         logger.error("Stripe event %s (%s) rejected: %s", event.id, event.type, _problems(exc))
         return f"rejected: {_problems(exc)}"
+
+
+async def _apply(ctx: WebhookContext, event: Event, handler: Handler[Any], payload: Any) -> str:
     try:
         # A savepoint: what the event asks may be impossible to apply (a grant beyond any balance), and then its
         # writes are undone and the outcome recorded, instead of a 5xx Stripe would retry for three days.
         async with ctx.session.begin_nested():
-            return await handler.apply(ctx, event, payload)
+            outcome: str = await handler.apply(ctx, event, payload)
+            return outcome
     except EventIgnored as ignored:
         return f"ignored: {ignored}"
     except DBAPIError as exc:
@@ -133,5 +161,5 @@ async def _reject(session: AsyncSession, data: dict[str, Any], exc: ValidationEr
         .returning(StripeEvent.id)
     )
     if recorded is None:
-        return WebhookResult(duplicate=True, outcome="duplicate: already processed")
-    return WebhookResult(duplicate=False, outcome=outcome)
+        return WebhookResult(duplicate=True, outcome="duplicate: already processed", type=data["type"])
+    return WebhookResult(duplicate=False, outcome=outcome, type=data["type"])

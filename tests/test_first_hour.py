@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -184,7 +186,16 @@ async def test_a_service_role_token_works_the_admin_example(
 # --- The embedded PostgreSQL ----------------------------------------------------------------------------------
 
 
-def test_two_processes_on_a_fresh_folder_create_the_database_once_and_quietly(tmp_path: Path) -> None:
+@pytest.fixture
+def own_folder() -> Iterator[Path]:
+    """For an embedded server's data: not under pytest's numbered folders, which another pytest run on the same
+    machine may prune while the server still uses them."""
+    folder = Path(tempfile.mkdtemp(prefix="picads-embedded-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_processes_on_a_fresh_folder_create_the_database_once_and_quietly(own_folder: Path) -> None:
     code = (
         "import sys; from pathlib import Path; from app.embedded import start_embedded_postgres; "
         "print(start_embedded_postgres(Path(sys.argv[1])).database)"
@@ -192,7 +203,7 @@ def test_two_processes_on_a_fresh_folder_create_the_database_once_and_quietly(tm
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     starts = [
         subprocess.Popen(
-            [sys.executable, "-c", code, str(tmp_path / "data")],
+            [sys.executable, "-c", code, str(own_folder / "data")],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -206,7 +217,7 @@ def test_two_processes_on_a_fresh_folder_create_the_database_once_and_quietly(tm
         assert [out for out, _ in outputs] == ["picads\n", "picads\n"]
         assert all("ERROR" not in err and "duplicate key" not in err for _, err in outputs), outputs
     finally:
-        embedded_db(tmp_path / "data", "stop")
+        embedded_db(own_folder / "data", "stop")
 
 
 def embedded_db(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -214,17 +225,17 @@ def embedded_db(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return run([script("embedded-db"), *args], env, PROJECT_ROOT)
 
 
-def test_embedded_db_shows_and_stops_the_server(tmp_path: Path) -> None:
+def test_embedded_db_shows_and_stops_the_server(own_folder: Path) -> None:
     from app.embedded import start_embedded_postgres
 
-    start_embedded_postgres(tmp_path / "data")  # left running, as python main.py leaves it
-    running = embedded_db(tmp_path / "data", "status")
+    start_embedded_postgres(own_folder / "data")  # left running, as python main.py leaves it
+    running = embedded_db(own_folder / "data", "status")
     assert running.returncode == 0
     assert running.stdout.startswith("running: PostgreSQL "), running.stdout
-    stopped = embedded_db(tmp_path / "data", "stop")
+    stopped = embedded_db(own_folder / "data", "stop")
     assert stopped.returncode == 0, stopped.stdout
     assert stopped.stdout.startswith("stopped: PostgreSQL ")
-    assert embedded_db(tmp_path / "data").stdout.startswith("stopped: PostgreSQL ")
+    assert embedded_db(own_folder / "data").stdout.startswith("stopped: PostgreSQL ")
 
 
 def test_without_the_embedded_postgres_and_a_database_the_server_says_what_to_do(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from app import bootstrap
 from app.config import Settings, describe, load_settings
 from app.database import create_engine, migrate
-from app.errors import exception_chain
+from app.errors import StartupError, exception_chain
 from app.services.credits import find_ledger_mismatches
 
 DEFAULT_ENV_FILE = ".env"
@@ -339,7 +339,7 @@ async def run(args: argparse.Namespace) -> None:
                 print_step(step, "skipped", str(skipped))
     except StepFailed as exc:
         raise StepFailed(exc.message, step) from None
-    except bootstrap.BootstrapError as exc:
+    except (bootstrap.BootstrapError, StartupError) as exc:
         raise StepFailed(str(exc), step) from None
     except Exception as exc:
         problem = explain_connection_error(exc, url, settings)

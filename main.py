@@ -18,4 +18,4 @@ gc.freeze()
 
 if __name__ == "__main__":
     # log_config=None: keep the logging configured above (one request line each, JSON when asked).
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+    uvicorn.run(app, host=settings.bind_host, port=settings.port, log_config=None)

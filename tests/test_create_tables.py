@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from app.application import create_app
 from app.config import split_sslmode
-from app.database import start_embedded_postgres
+from app.embedded import start_embedded_postgres
 from tests.conftest import (
     PROJECT_ROOT,
     TokenFactory,
@@ -175,12 +175,18 @@ async def test_a_redeploy_keeps_every_row(deployed: Deployed) -> None:
 
 
 async def test_each_step_prints_one_line_and_never_the_password(deployed: Deployed) -> None:
+    password = str(deployed.url.password)
+    host = str(deployed.url.host or deployed.url.query["host"])
+    names = (
+        f"user {deployed.url.username}, host {host}, port {deployed.url.port or 5432}, database {deployed.url.database}"
+    )
     for run in (deployed.first, deployed.second):
         steps = [line.split()[0] for line in run.stdout.splitlines()]
         assert steps == ["settings", "connection", "migrations", "rls", "realtime", "signup"]
-        host = deployed.url.host or deployed.url.query["host"]
-        assert f"user {deployed.url.username}, host {host}, port {deployed.url.port or 5432}" in run.stdout
-        assert str(deployed.url.password) not in run.output
+        assert names in run.stdout
+        # A password that is also the user's or the database's name (postgres:postgres, as TEST_DATABASE_URL
+        # often is) is printed as that name: it must appear nowhere else.
+        assert password not in run.output.replace(names, "").replace(f"at {host}:", "at ")
         assert run.stderr == ""
 
 
@@ -510,6 +516,34 @@ def test_the_right_password_is_accepted(in_process: Callable[..., Run], password
     assert run.returncode == 0, run.output
     assert "connection     ok      PostgreSQL" in run.stdout
     assert "right-password" not in run.output
+
+
+def test_an_unencoded_at_in_the_password_is_named(in_process: Callable[..., Run]) -> None:
+    run = in_process("--check", DATABASE_URL="postgresql://deployer:pw@2024@db.example.com:5432/postgres")
+    assert_one_clear_sentence(
+        run, "settings       FAILED  Configuration error: DATABASE_URL: the password contains an unencoded '@'"
+    )
+    assert "percent-encode it (@ as %40)" in run.stderr
+    assert "pw@2024" not in run.output
+
+
+async def test_a_revision_the_code_does_not_know_is_named_with_the_way_out(
+    new_database: Callable[[], Awaitable[URL]], tmp_path: Path
+) -> None:
+    url = await new_database()
+    env = script_env(url, tmp_path)
+    assert (await run_script(env, tmp_path)).returncode == 0
+    engine = engine_for(url)
+    try:
+        async with engine.begin() as connection:  # a migration applied, then its file deleted
+            await connection.execute(text("UPDATE alembic_version SET version_num = '0999'"))
+    finally:
+        await engine.dispose()
+    run = await run_script(env, tmp_path)
+    assert_one_clear_sentence(
+        run, "migrations     FAILED  the database is at revision 0999, which this code does not have"
+    )
+    assert "`poetry run alembic stamp --purge head`" in run.stderr
 
 
 def test_no_database_configured_is_refused(in_process: Callable[..., Run], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -72,6 +73,31 @@ async def test_streamed_oversized_body_is_413(client: httpx.AsyncClient, auth: d
 
     response = await client.post("/profile", headers={**auth, "Content-Type": "application/json"}, content=chunks())
     assert response.status_code == 413
+
+
+async def test_docs_pages_load_only_assets_this_server_serves(client: httpx.AsyncClient) -> None:
+    """/docs and /redoc work with no internet access: every script, style and icon they load comes from here."""
+    for page in ("/docs", "/redoc"):
+        html = (await client.get(page)).text
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html) + re.findall(r"url: ?'([^']+)'", html)
+        assert assets, html
+        for asset in assets:
+            assert re.match(r"/[^/]", asset), f"{page} loads {asset} from elsewhere"
+            answer = await client.get(asset)
+            assert answer.status_code == 200, asset
+        assert "fonts.googleapis.com" not in html
+    assert (await client.get("/docs/assets/swagger-ui-bundle.js")).headers["content-type"].startswith("text/javascript")
+    assert (await client.get("/docs/assets/redoc.standalone.js")).status_code == 200
+
+
+async def test_docs_are_off_in_production_unless_enabled(database_url: URL, tmp_path: Path) -> None:
+    production = {"environment": "production", "supabase_url": "https://project.supabase.co"}
+    for enabled, status in ((None, 404), (True, 200)):
+        application = create_app(make_settings(database_url, tmp_path, docs_enabled=enabled, **production))
+        transport = httpx.ASGITransport(app=application)  # the pages need no database: no lifespan here
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            for path in ("/docs", "/redoc", "/openapi.json"):
+                assert (await http.get(path)).status_code == status, (enabled, path)
 
 
 async def test_docs_can_be_turned_off(database_url: URL, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from app.application import create_app
 from app.config import Settings, load_settings, split_sslmode
-from app.database import start_embedded_postgres
+from app.embedded import start_embedded_postgres
 from tests.conftest import PROJECT_ROOT, bearer, free_port, make_settings, wait_for_http
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.application import create_app
-from app.database import start_embedded_postgres
+from app.embedded import start_embedded_postgres
 from app.services.credits import find_ledger_mismatches
 from tests.conftest import bearer, make_settings, sign, user_claims
 

@@ -18,9 +18,10 @@ import time
 import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.conftest import PROJECT_ROOT, free_port, wait_for_http
+from tests.conftest import PROJECT_ROOT, free_port, in_checkout, wait_for_http
 
 BIN = Path(sys.executable).parent
 DECLARED: dict[str, str] = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -47,7 +48,7 @@ def run(name: str, *args: str, cwd: Path = PROJECT_ROOT) -> subprocess.Completed
 
 
 def test_every_script_is_declared_callable_and_installed() -> None:
-    for name in ("dev", "start", "test", "lint", "type-check", "dev-token"):
+    for name in ("dev", "start", "test", "lint", "type-check", "dev-token", "new-migration", "embedded-db"):
         assert name in DECLARED, f"{name} missing from [project.scripts]"
     for name, target in DECLARED.items():
         module, _, attribute = target.partition(":")
@@ -167,8 +168,9 @@ async def test_start_serves_like_production_and_stops_on_sigterm(
     # gunicorn must be the script's own process, not a child of it.
     env = {**subprocess_env, "PORT": str(port), "WEB_CONCURRENCY": "1"}
     text = await _serve_until_sigterm("start", env, port, tmp_path / "start.log")
-    command = f"-m gunicorn main:app --worker-class uvicorn_worker.UvicornWorker --bind 0.0.0.0:{port}\n"
-    assert command in text
+    # Development binds this machine only; no control socket (it needs a writable home, see the Dockerfile).
+    command = f"-m gunicorn main:app --worker-class uvicorn_worker.UvicornWorker --bind 127.0.0.1:{port} "
+    assert command + "--no-control-socket\n" in text
     assert text.count("Booting worker") == 1  # WEB_CONCURRENCY=1
     assert "Shutting down: Master" in text
 
@@ -178,6 +180,94 @@ async def test_dev_serves_with_reload_and_stops_on_sigterm(subprocess_env: dict[
     # uvicorn's reloader is signalled; it must stop its server process too.
     env = {**subprocess_env, "HOST": "127.0.0.1", "PORT": str(port)}
     text = await _serve_until_sigterm("dev", env, port, tmp_path / "dev.log")
-    assert f"-m uvicorn main:app --reload --host 127.0.0.1 --port {port}\n" in text
+    versions = PROJECT_ROOT / "app" / "migrations" / "versions"
+    assert f"-m uvicorn main:app --reload --reload-exclude {versions} --host 127.0.0.1 --port {port}\n" in text
     assert "Started reloader process" in text
     assert "Application shutdown complete" in text  # a graceful stop
+
+
+# --- In a copy of the checkout, where a test may write migrations and a .env -------------------------------------
+
+
+async def test_a_migration_written_while_dev_runs_waits_for_its_review(
+    checkout: Path, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    from app.schema import code_head
+
+    port = free_port()
+    argv, env = in_checkout(checkout, "app.scripts:dev", {**subprocess_env, "PORT": str(port)})
+    log = tmp_path / "dev.log"
+    with log.open("w") as output:
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=checkout / "app", env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        assert (await wait_for_http(f"http://127.0.0.1:{port}/health", 30)).status_code == 200
+        (checkout / "app" / "migrations" / "versions" / "0999_unreviewed.py").write_text(
+            f"revision = '0999'\ndown_revision = '{code_head()}'\n\n\n"
+            "def upgrade() -> None:\n    from alembic import op\n\n    op.execute('CREATE TABLE unreviewed (id int)')\n"
+        )
+        await asyncio.sleep(2)  # the reloader would have seen it by now
+        with (checkout / "main.py").open("a") as main:
+            main.write("# edited\n")  # any code change reloads the server
+        health = await _wait_for_status(f"http://127.0.0.1:{port}/health", 503, 30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await _wait_gone(process, 10)
+        _kill_group(process)
+    text = log.read_text()
+    assert "detected changes in 'main.py'" in text
+    assert "0999_unreviewed.py" not in text  # the new migration alone did not reload the server
+    assert "revision 0999 was written after `poetry run dev` started and is not applied" in text
+    assert "this code needs revision 0999" in health.json()["detail"]
+
+
+async def _wait_for_status(url: str, status: int, seconds: float) -> httpx.Response:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            response = await wait_for_http(url, seconds)
+        except httpx.TransportError:
+            response = None
+        if response is not None and response.status_code == status:
+            return response
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} never answered {status}")
+        await asyncio.sleep(0.3)
+
+
+async def test_start_reads_port_from_the_checkouts_env_and_binds_this_machine_only(
+    checkout: Path, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    (checkout / ".env").write_text(f"PORT={port}\nWEB_CONCURRENCY=1\n")
+    env = {key: value for key, value in subprocess_env.items() if key not in ("PORT", "HOST", "WEB_CONCURRENCY")}
+    argv, env = in_checkout(checkout, "app.scripts:start", env)
+    log = tmp_path / "start.log"
+    with log.open("w") as output:  # from a subfolder, as `cd app && poetry run start`
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=checkout / "app", env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        assert (await wait_for_http(f"http://127.0.0.1:{port}/health", 30)).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await _wait_gone(process, 10)
+        _kill_group(process)
+    assert f"--bind 127.0.0.1:{port} --no-control-socket" in log.read_text()
+
+
+def test_new_migration_writes_the_next_numbered_revision(checkout: Path, subprocess_env: dict[str, str]) -> None:
+    from app.schema import next_revision_id
+
+    argv, env = in_checkout(checkout, "app.scripts:new_migration", subprocess_env)
+    written = subprocess.run([*argv, "add widgets"], cwd=checkout / "app", env=env, capture_output=True, text=True)
+    assert written.returncode == 0, written.stderr
+    number = next_revision_id()
+    revision = checkout / "app" / "migrations" / "versions" / f"{number}_add_widgets.py"
+    assert f"revision = '{number}'" in revision.read_text()
+    assert "alembic revision --autogenerate --rev-id" in written.stderr  # says what it runs
+
+    unnamed = subprocess.run(argv, cwd=checkout, env=env, capture_output=True, text=True)
+    assert unnamed.returncode == 1
+    assert unnamed.stderr == 'Give the migration a message: poetry run new-migration "add widgets"\n'

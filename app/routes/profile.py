@@ -1,6 +1,8 @@
 """The signed-in user's own profile and dashboard."""
 
-from fastapi import APIRouter, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Response, status
 
 from app.deps import CurrentUser, Db, DbRoute, NoProtectedFields, SessionDep, SettingsDep
 from app.routes.responses import errors
@@ -36,10 +38,14 @@ async def get_profile(user: CurrentUser, db: Db, settings: SettingsDep) -> Respo
     dependencies=[NoProtectedFields],
 )
 async def create_profile(
-    user: CurrentUser, session: SessionDep, settings: SettingsDep, response: Response, body: ProfileCreate | None = None
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    # Optional, documented as ProfileCreate itself (an `| None` body shows as "any of ProfileCreate / null").
+    body: Annotated[ProfileCreate, Body(default_factory=ProfileCreate)],
 ) -> ProfileOut:
-    full_name = body.full_name if body else None
-    profile, created = await profiles.get_or_create_profile(session, user, full_name, settings.signup_grants)
+    profile, created = await profiles.get_or_create_profile(session, user, body.full_name, settings.signup_grants)
     if not created:
         response.status_code = status.HTTP_200_OK
     return profile

@@ -3,10 +3,10 @@
 from fastapi import APIRouter
 
 from app.auth import User
-from app.database import database_is_up
 from app.deps import EngineDep, OptionalPrincipal
 from app.errors import DatabaseUnavailable
 from app.routes.responses import errors
+from app.schema import SchemaBehind, schema_state
 from app.schemas import HealthOut, Message, PublicDataOut
 
 router = APIRouter(tags=["public"])
@@ -17,10 +17,18 @@ async def root() -> Message:
     return Message(message="Welcome to the Picads API. Documentation: /docs")
 
 
-@router.get("/health", summary="Liveness and database check", responses=errors(503))
+@router.get(
+    "/health",
+    summary="Liveness, database and schema check",
+    description="503 while the database is unreachable, or while its schema is behind this code's migrations.",
+    responses=errors(503),
+)
 async def health(engine: EngineDep) -> HealthOut:
-    if not await database_is_up(engine):
+    state = await schema_state(engine)
+    if state is None:
         raise DatabaseUnavailable
+    if state.behind:
+        raise SchemaBehind(state.behind_message())
     return HealthOut(status="ok", database="ok")
 
 

@@ -17,7 +17,7 @@ DESCRIPTIONS = {
     409: "Conflicts with an earlier request",
     413: "The request body is too large",
     422: "The request body or parameters are invalid",
-    400: "The body is not valid JSON (or not UTF-8), or a webhook signature is wrong",
+    400: "The body is not valid JSON (or not UTF-8)",
     502: "An upstream service failed",
     503: "The database (or a required service) is unavailable",
 }

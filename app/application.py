@@ -24,7 +24,7 @@ from app.database import (
     open_driver_pool,
     resolve_database_url,
 )
-from app.deps import Resources, check_db_routes
+from app.deps import Resources, UserWrites, check_db_routes
 from app.docs import DOCS_PATHS, document_bearer_auth, serve_docs
 from app.errors import StartupError, install_error_handlers
 from app.middleware import ApiMiddleware
@@ -71,6 +71,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             driver_pool=driver_pool,
             verifier=verifier,
             stripe=stripe_connection,
+            user_writes=UserWrites(settings.user_concurrent_writes),
         )
         _log_start(settings, url)
         yield

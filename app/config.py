@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     db_pool_idle_lifetime: float = Field(300.0, ge=0)
     db_connect_timeout: float = Field(5.0, gt=0)
     db_statement_timeout_ms: int = Field(15_000, ge=0)
+    # The longest a hot-path statement waits for a row lock (another request changing the same balance) before
+    # the request is answered 429, retryable, with nothing written (0 turns the limit off).
+    db_lock_timeout_ms: int = Field(2_000, ge=0)
+    # Balance-changing requests one user may have running at once, per process; more get 429.
+    user_concurrent_writes: int = Field(3, ge=1)
     # None: on when the port is Supabase's transaction pooler port.
     db_pooler_mode: bool | None = None
     # The original README's bare DBNAME; read only to point at DB_NAME.

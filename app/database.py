@@ -163,6 +163,16 @@ class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
         self.released_at = time.monotonic()
 
 
+class BalanceBusy(AppError):
+    """Waited DB_LOCK_TIMEOUT_MS for a balance other requests are changing: nothing was written, try again."""
+
+    status_code = 429
+    default_detail = "this balance is busy with other requests: nothing was changed, try again in a moment"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
+
+
 class StaleConnection(Exception):
     """An idle pooled connection did not answer its ping; asyncpg closed it, and a checkout tries again."""
 
@@ -174,6 +184,12 @@ async def open_driver_pool(settings: Settings, url: URL) -> asyncpg.Pool:
     _, from_url = url.get_dialect()().create_connect_args(url)  # host, port, user, password, database
     # A connect or a ping never outlasts a checkout's deadline on its own.
     ping_timeout = arguments["timeout"] = min(settings.db_connect_timeout, settings.db_pool_timeout)
+    if settings.db_lock_timeout_ms:
+        # A request queued on a balance's row lock holds a pooled connection meanwhile: not for long.
+        arguments["server_settings"] = {
+            **arguments["server_settings"],
+            "lock_timeout": str(settings.db_lock_timeout_ms),
+        }
 
     async def ping_if_idle(connection: PooledConnection) -> None:
         if time.monotonic() - connection.released_at < IDLE_PING_SECONDS:
@@ -253,6 +269,8 @@ async def driver_transaction(pool: asyncpg.Pool, max_wait: float, *, read_only: 
         reusable = not lost and isinstance(exc, _CLEAN_FAILURES)
         if lost:
             raise DatabaseUnavailable from exc
+        if isinstance(exc, asyncpg.LockNotAvailableError):
+            raise BalanceBusy from exc
         raise
     finally:
         if not reusable and _still_open(connection):

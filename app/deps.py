@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any
+from uuid import UUID
 
 import asyncpg
 import stripe
@@ -34,6 +36,7 @@ class Resources:
     verifier: TokenVerifier
     # None without STRIPE_SECRET_KEY: checkout and the portal then answer 503.
     stripe: StripeConnection | None
+    user_writes: UserWrites
 
 
 def resources(request: Request) -> Resources:
@@ -129,7 +132,51 @@ async def _verified_event(
 _READS = frozenset({"GET", "HEAD"})
 
 
-_TRANSACTION = "picads.driver_transaction"
+_LEASE = "picads.driver_lease"
+
+
+class TooManyWrites(AppError):
+    status_code = 429
+    default_detail = "too many of your requests are changing your balance at once: try again in a moment"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
+
+
+class UserWrites:
+    """At most `limit` balance-changing requests of one user at a time in this process: one account flooding its
+    own row lock never holds more than a small share of the pool's connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running: dict[UUID, int] = {}
+
+    def enter(self, user_id: UUID) -> None:
+        count = self.running.get(user_id, 0)
+        if count >= self.limit:
+            raise TooManyWrites
+        self.running[user_id] = count + 1
+
+    def leave(self, user_id: UUID) -> None:
+        count = self.running.pop(user_id) - 1
+        if count:
+            self.running[user_id] = count
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A request's driver connection (its transaction) and its user's write slot, until the request ends."""
+
+    transaction: AbstractAsyncContextManager[Any]
+    writes: UserWrites | None
+    user_id: UUID | None
+
+    async def end(self, exc: BaseException | None) -> None:
+        try:
+            await self.transaction.__aexit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+        finally:
+            if self.writes is not None and self.user_id is not None:
+                self.writes.leave(self.user_id)
 
 
 class DbRoute(APIRoute):
@@ -141,17 +188,17 @@ class DbRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def in_transaction(request: Request) -> Response:
-            request.scope[_TRANSACTION] = None
+            request.scope[_LEASE] = None
             try:
                 response = await handler(request)
             except BaseException as exc:
-                transaction = request.scope[_TRANSACTION]
-                if transaction is not None:
-                    await transaction.__aexit__(type(exc), exc, exc.__traceback__)
+                lease = request.scope[_LEASE]
+                if lease is not None:
+                    await lease.end(exc)
                 raise
-            transaction = request.scope[_TRANSACTION]
-            if transaction is not None:
-                await transaction.__aexit__(None, None, None)
+            lease = request.scope[_LEASE]
+            if lease is not None:
+                await lease.end(None)
             return response
 
         return in_transaction
@@ -168,11 +215,19 @@ def check_db_routes(routes: list[Any]) -> None:
 
 async def _driver_connection(request: Request) -> Any:
     found = resources(request)
-    transaction = driver_transaction(
-        found.driver_pool, found.settings.db_pool_timeout, read_only=request.method in _READS
-    )
-    connection = await transaction.__aenter__()
-    request.scope[_TRANSACTION] = transaction
+    read_only = request.method in _READS
+    # A user's balance-changing request takes one of their slots first (GETs and the service role take none).
+    user_id: UUID | None = None if read_only else getattr(request.state, "user_id", None)
+    if user_id is not None:
+        found.user_writes.enter(user_id)
+    transaction = driver_transaction(found.driver_pool, found.settings.db_pool_timeout, read_only=read_only)
+    try:
+        connection = await transaction.__aenter__()
+    except BaseException:
+        if user_id is not None:
+            found.user_writes.leave(user_id)
+        raise
+    request.scope[_LEASE] = _Lease(transaction, found.user_writes, user_id)
     return connection
 
 

@@ -341,3 +341,68 @@ async def test_an_adjustment_retried_twenty_times_at_once_with_one_key_is_one_en
         count = await connection.scalar(text("SELECT count(*) FROM credit_entries WHERE kind = 'adjustment'"))
     assert count == 1
     assert await mismatches(engine) == []
+
+
+async def test_one_user_flooding_their_own_balance_takes_a_small_share_of_the_pool(
+    database_url: URL, tmp_path: Path, token: TokenFactory, engine: AsyncEngine
+) -> None:
+    """150 keyed spends at once from one account: beyond a few at a time they are 429 (retryable), so they never
+    hold more than that many of the shared connections, and another user's requests all go through."""
+    application = create_app(make_settings(database_url, tmp_path, user_concurrent_writes=3))
+    async with (
+        application.router.lifespan_context(application),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://testserver") as client,
+    ):
+        await flood_and_watch(client, token, engine)
+
+
+async def flood_and_watch(client: httpx.AsyncClient, token: TokenFactory, engine: AsyncEngine) -> None:
+    member, other = bearer(token(uuid.uuid4())), bearer(token(uuid.uuid4()))
+    for headers in (member, other):
+        assert (await client.post("/profile", headers=headers)).status_code == 201
+
+    async def flood(index: int) -> httpx.Response:
+        headers = {**member, "Idempotency-Key": f"flood-{index}"}
+        return await client.post("/credits/spend", headers=headers, json={"amount": 1})
+
+    answers = await asyncio.gather(
+        *(flood(index) for index in range(150)), *(client.get("/profile", headers=other) for _ in range(30))
+    )
+    flooded, others = answers[:150], answers[150:]
+    statuses = [answer.status_code for answer in flooded]
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(429) > 0
+    busy = next(answer for answer in flooded if answer.status_code == 429)
+    assert busy.headers["retry-after"] == "1"
+    assert "try again" in busy.json()["detail"]
+    assert {answer.status_code for answer in others} == {200}
+    assert (await client.get("/profile", headers=member)).json()["credits"] == 1000 - statuses.count(200)
+    assert await mismatches(engine) == []
+
+
+async def test_a_request_waiting_long_on_a_balance_lock_is_429_and_writes_nothing(
+    database_url: URL, tmp_path: Path, engine: AsyncEngine, token: TokenFactory, user_id: uuid.UUID
+) -> None:
+    """Another transaction holds the user's row: their spend gives up after DB_LOCK_TIMEOUT_MS (not the pool
+    timeout), gives its connection back, and everyone else's spends go on."""
+    application = create_app(make_settings(database_url, tmp_path, db_lock_timeout_ms=300, db_pool_size=2))
+    locked, free = bearer(token(user_id)), bearer(token(uuid.uuid4()))
+    async with (
+        application.router.lifespan_context(application),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://testserver") as http,
+    ):
+        for headers in (locked, free):
+            assert (await http.post("/profile", headers=headers)).status_code == 201
+        async with engine.begin() as locker:
+            await locker.execute(text("SELECT 1 FROM profiles WHERE id = :id FOR UPDATE"), {"id": user_id})
+            started = time.monotonic()
+            waited = await http.post("/credits/spend", headers=locked, json={"amount": 5})
+            assert time.monotonic() - started < 2
+            assert waited.status_code == 429
+            assert waited.json()["detail"].startswith("this balance is busy")
+            others = await asyncio.gather(
+                *(http.post("/credits/spend", headers=free, json={"amount": 1}) for _ in range(10))
+            )
+            assert {answer.status_code for answer in others} == {200}
+        assert (await http.get("/profile", headers=locked)).json()["credits"] == 1000  # nothing written
+    assert await mismatches(engine) == []

@@ -76,7 +76,7 @@ def pgbouncer(pooled_database: URL) -> Iterator[URL]:
         "default_pool_size = 2",
         "max_client_conn = 200",
         # The app sets these per connection; PgBouncer cannot pass them through a shared server connection.
-        "ignore_startup_parameters = extra_float_digits,statement_timeout",
+        "ignore_startup_parameters = extra_float_digits,statement_timeout,lock_timeout",
         f"logfile = {workdir / 'pgbouncer.log'}",
         f"pidfile = {workdir / 'pgbouncer.pid'}",
     ]
@@ -125,7 +125,7 @@ async def profile_flow(http: httpx.AsyncClient, headers: dict[str, str]) -> list
 async def run_users(
     url: URL, tmp_path: Path, token: TokenFactory, pooler_mode: bool
 ) -> list[list[int] | BaseException]:
-    settings = make_settings(url, tmp_path, db_pooler_mode=pooler_mode, db_pool_size=10, db_max_overflow=10)
+    settings = make_settings(url, tmp_path, db_pooler_mode=pooler_mode, db_pool_size=10)
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)

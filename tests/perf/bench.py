@@ -63,6 +63,7 @@ BASELINE_MODULE = "baseline_app:app"
 SEED_NAMESPACE = "picads-bench-"
 SEED_CREDITS = 1_000_000_000  # large enough for any number of one-credit spends in a run
 WRK_SCRIPT = PERF_DIR / "rotate_tokens.lua"
+HOLD_SCRIPT = PERF_DIR / "hold_capture.lua"
 LOADGEN = PERF_DIR / "loadgen.py"
 HEALTH_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 10
@@ -79,15 +80,28 @@ class Scenario:
     method: str
     path: str
     body: str | None = None
+    # wrk's script for it; and whether it runs against the app only (the baseline app has no such route).
+    script: Path = WRK_SCRIPT
+    pooled_only: bool = False
 
 
 SCENARIOS = {
     "profile": Scenario("profile", "GET /profile", "GET", "/profile"),
     "spend": Scenario("spend", "POST /credits/spend", "POST", "/credits/spend", '{"amount": 1}'),
+    # A generation's flow: a user's hold, then the worker's capture with the service-role key (2 requests a pair).
+    "hold": Scenario(
+        "hold",
+        "POST /credits/holds, then capture",
+        "POST",
+        "/credits/holds",
+        '{"amount": 1, "ttl_seconds": 600}',
+        script=HOLD_SCRIPT,
+        pooled_only=True,
+    ),
     # Not run by default: the same server answering after the token check alone, with no database.
     "token-only": Scenario("token-only", "GET /public-data (token check only)", "GET", "/public-data"),
 }
-DEFAULT_SCENARIOS = ("profile", "spend")
+DEFAULT_SCENARIOS = ("profile", "spend", "hold")
 
 
 @dataclass(frozen=True)
@@ -328,6 +342,7 @@ def gunicorn(variant: Variant, workers: int, database_url: URL, secret: str, wor
             "ENVIRONMENT": "production",
             "DATABASE_URL": database_url.render_as_string(hide_password=False),
             "SUPABASE_JWT_SECRET": secret,
+            "SUPABASE_SERVICE_ROLE_KEY": service_role_key(secret),
             "DATA_DIR": str(rundir / "data"),
             "PYTHONPATH": os.pathsep.join((str(PROJECT_ROOT), str(PERF_DIR))),
             "PYTHONUNBUFFERED": "1",
@@ -433,8 +448,19 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def service_role_key(secret: str) -> str:
+    """The servers' service-role key (the hold scenario's captures use it, as a generation worker would)."""
+    return "sb_secret_bench_" + hashlib.sha256(secret.encode()).hexdigest()[:32]
+
+
 def run_wrk(
-    port: int, scenario: Scenario, tokens_file: Path, connections: int, duration: float, threads: int
+    port: int,
+    scenario: Scenario,
+    tokens_file: Path,
+    connections: int,
+    duration: float,
+    threads: int,
+    key: str | None = None,
 ) -> Measurement:
     command = [
         "wrk",
@@ -442,11 +468,11 @@ def run_wrk(
         f"--connections={connections}",
         f"--duration={max(1, round(duration))}s",
         f"--timeout={REQUEST_TIMEOUT}s",
-        f"--script={WRK_SCRIPT}",
+        f"--script={scenario.script}",
         f"http://127.0.0.1:{port}{scenario.path}",
         "--",
         str(tokens_file),
-        scenario.method,
+        key or scenario.method,
         scenario.body or "",
     ]
     cpu_before = children_cpu_seconds()
@@ -600,7 +626,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def drive(args: argparse.Namespace, port: int, scenario: Scenario, tokens_file: Path, duration: float) -> Measurement:
     if args.client == "wrk":
-        return run_wrk(port, scenario, tokens_file, args.connections, duration, args.client_threads)
+        key = args.service_key if scenario.pooled_only else None
+        return run_wrk(port, scenario, tokens_file, args.connections, duration, args.client_threads, key)
+    if scenario.pooled_only:
+        raise BenchError(f"the {scenario.key} scenario needs wrk (Debian: apt-get install wrk)")
     return run_python_client(port, scenario, tokens_file, args.connections, duration, args.client_threads)
 
 
@@ -620,6 +649,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"seeded in {time.monotonic() - began:.1f} s")
 
         secret = secrets.token_urlsafe(48)
+        args.service_key = service_role_key(secret)
         planned = args.rounds * len(args.scenarios) * 2 * (args.duration + args.warmup + 30)
         tokens = make_tokens(secret, args.profiles, args.users, lifetime=int(planned) + 3600)
         tokens_file = work / "tokens.txt"
@@ -637,16 +667,19 @@ def run(args: argparse.Namespace) -> int:
             turns = servers if round_number % 2 else servers[::-1]  # neither variant always goes first
             for scenario in args.scenarios:
                 for variant, port, master in turns:
+                    if scenario.pooled_only and variant.key == "baseline":
+                        continue
                     processes = (master, postmaster)
                     row = measure(args, scenario, variant, port, processes, tokens_file, server_url, database_name)
                     row.round = round_number
-                    if scenario.key == "spend":
+                    if scenario.key in {"spend", "hold"}:
                         mismatches, spends = asyncio.run(check_ledger(database_url))
                         invariant_broken |= mismatches > 0
                         row.invariant = (
-                            f"holds ({spends:,} spend entries so far, every balance equals the sum of its entries)"
+                            f"holds ({spends:,} spend entries so far; every balance equals the sum of its entries, "
+                            "every held total the sum of its active holds)"
                             if mismatches == 0
-                            else f"BROKEN: {mismatches} profiles' balances differ from their ledger sums"
+                            else f"BROKEN: {mismatches} profiles' balances differ from their ledger or holds"
                         )
                         log(f"  ledger invariant: {row.invariant}")
                     rows.append(row)
@@ -784,6 +817,9 @@ def report(args: argparse.Namespace, rows: list[Row], server_kind: str, pg_versi
             f"- {scenario.title}, pooled / baseline: **{ratios[(len(ratios) - 1) // 2]:.1f}x** requests/s{rounds}, "
             f"p99 {pooled.result.p99_ms / baseline.result.p99_ms:.2f}x"
         )
+    hold = medians.get(("hold", "pooled"))
+    if hold is not None:
+        lines.append(f"- Hold then capture: **{hold.result.rate / 2:,.0f} pairs/s** (median run; two requests a pair)")
     if args.rounds > 1:  # the table shows medians: an error in any other run must still show
         lines.append(f"- Errors over all {len(rows)} runs: {sum(row.result.errors for row in rows):,}")
     for (_, variant_key), group in groups.items():

@@ -106,8 +106,10 @@ class Settings(BaseSettings):
     # Operations
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # Larger request bodies get 413 before they are read whole (Stripe's webhook has its own, larger limit).
+    # Larger request bodies get 413 before they are read whole (Stripe's webhook has its own limit, 256 KiB).
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # Seconds a client has to send a request's whole body (408 after it): a slow one holds a connection no longer.
+    body_timeout: float = Field(10.0, gt=0, le=300)
     # /docs, /redoc and /openapi.json; turn off to hide the API description in production.
     docs_enabled: bool = True
 

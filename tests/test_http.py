@@ -1,11 +1,19 @@
-"""HTTP behaviour around every route: request ids and logs, size limits, security headers, docs switch."""
+"""HTTP behaviour around every route: request ids and logs, size limits and deadlines, security headers, docs
+switch. Slow clients are played over real sockets against `python main.py`."""
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -16,7 +24,8 @@ from sqlalchemy.engine import URL
 from app.application import create_app
 from app.errors import install_error_handlers
 from app.logs import JsonFormatter
-from tests.conftest import make_settings
+from tests.conftest import PROJECT_ROOT, TEST_JWT_SECRET, free_port, make_settings
+from tests.fake_stripe import WEBHOOK_SECRET
 
 
 async def test_request_id_is_echoed_or_made(client: httpx.AsyncClient) -> None:
@@ -72,6 +81,123 @@ async def test_streamed_oversized_body_is_413(client: httpx.AsyncClient, auth: d
 
     response = await client.post("/profile", headers={**auth, "Content-Type": "application/json"}, content=chunks())
     assert response.status_code == 413
+
+
+async def test_the_webhook_takes_what_stripe_sends_and_no_more(client: httpx.AsyncClient) -> None:
+    response = await client.post("/webhook", content=b"x" * (256 * 1024 + 1))
+    assert response.status_code == 413
+    assert response.json() == {"detail": "request body too large: at most 262144 bytes"}
+    assert response.headers["connection"] == "close"  # the rest of the body is never read
+
+
+# --- Slow clients, over real sockets ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    port: int
+    pid: int
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def live_server(database_url: URL, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """`python main.py` with a 1-second body deadline and the readable log format, its log in a file."""
+    folder = tmp_path_factory.mktemp("live")
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DB_", "SUPABASE_", "DATABASE"))}
+    env.update(
+        {
+            "ENVIRONMENT": "test",
+            "DATABASE_URL": database_url.render_as_string(hide_password=False),
+            "SUPABASE_JWT_SECRET": TEST_JWT_SECRET,
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "BODY_TIMEOUT": "1",
+            "LOG_FORMAT": "text",
+            "DATA_DIR": str(folder / "data"),
+            "PORT": str(port),
+        }
+    )
+    log = folder / "server.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "main.py")], cwd=folder, env=env, stdout=output, stderr=output
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield LiveServer(port, server.pid, log)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+async def unfinished_body(server: LiveServer, path: str, declared: int, sent: int, wait: float) -> bytes:
+    """Declare a body of `declared` bytes, send `sent` of them, and return all the server answers before it closes
+    the connection (or what came within `wait` seconds)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Stripe-Signature: t=1,v1=00\r\nContent-Length: {declared}\r\n\r\n".encode()
+        )
+        writer.write(b"x" * sent)
+        await writer.drain()
+        answer = b""
+        async with asyncio.timeout(wait):
+            while chunk := await reader.read(65536):
+                answer += chunk
+        return answer
+    except TimeoutError:
+        return answer
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("path", ["/webhook", "/profile"])
+async def test_a_body_that_never_arrives_is_408_and_the_connection_closed(live_server: LiveServer, path: str) -> None:
+    """It declares 100 bytes and sends 10: the connection would otherwise be held as long as the client likes."""
+    started = time.monotonic()
+    answer = await unfinished_body(live_server, path, declared=100, sent=10, wait=5)
+    waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"request body not received in time: the whole body must arrive within 1s" in answer
+    assert 0.9 < waited < 4, f"answered after {waited:.1f}s"  # and closed: the read above ended
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's memory from /proc (Linux)")
+async def test_memory_held_by_unfinished_bodies_is_given_back(live_server: LiveServer) -> None:
+    """100 webhook bodies of 250 KB, each 10 bytes short, until the deadline sends them away."""
+    if not hasattr(ctypes.CDLL(None), "malloc_trim"):
+        pytest.skip("not glibc: nothing to give memory back with")
+
+    async def attack(size: int) -> list[bytes]:
+        bodies = (unfinished_body(live_server, "/webhook", size, size - 10, 5) for _ in range(100))
+        return await asyncio.gather(*bodies)
+
+    await attack(1_000)  # loads what 100 connections and their 408s need: not what this measures
+    await asyncio.sleep(1.5)
+    before = _rss_mib(live_server.pid)
+    answers = await attack(250_000)
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers)
+    await asyncio.sleep(1.5)  # given back a second after the last large body
+    after = _rss_mib(live_server.pid)
+    assert after - before < 8, f"{before:.0f} MiB before, {after:.0f} MiB after 25 MB of bodies came and went"
 
 
 async def test_docs_can_be_turned_off(database_url: URL, tmp_path: Path) -> None:

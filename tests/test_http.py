@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -23,7 +24,7 @@ from sqlalchemy.engine import URL
 
 from app.application import create_app
 from app.errors import install_error_handlers
-from app.logs import JsonFormatter
+from app.logs import JsonFormatter, TextFormatter
 from tests.conftest import PROJECT_ROOT, TEST_JWT_SECRET, free_port, make_settings
 from tests.fake_stripe import WEBHOOK_SECRET
 
@@ -50,6 +51,33 @@ async def test_one_log_line_per_request_with_the_user(
     assert line["request_id"] == "req-1"
     assert line["user_id"] == str(user_id)
     assert line["duration_ms"] >= 0
+
+
+FORGED = "2026-01-01 00:00:00,000 INFO    app.requests: POST /admin/profiles/x/credits 200 1.0ms"
+
+
+async def test_json_log_fields_hold_no_control_characters(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="app.requests"):
+        await client.get("/x%0a" + quote(FORGED) + "%00")
+    (record,) = [record for record in caplog.records if record.name == "app.requests"]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["path"] == f"/x\\x0a{FORGED}\\x00"
+    assert line["message"].startswith(f"GET /x\\x0a{FORGED}\\x00 404 ")
+
+
+def test_a_traceback_stays_under_its_record() -> None:
+    """An exception's message is data too: in the readable format every line after the record's is indented."""
+    try:
+        raise ValueError(f"bad input\n{FORGED}\x1b[8m")
+    except ValueError:
+        record = logging.makeLogRecord({"msg": "unhandled", "exc_info": sys.exc_info()})
+    first, *rest = TextFormatter().format(record).split("\n")
+    assert first.endswith(" unhandled")
+    assert rest
+    assert all(line.startswith("    ") for line in rest)
+    assert f"    {FORGED}\\x1b[8m" in rest
 
 
 async def test_security_headers(client: httpx.AsyncClient) -> None:
@@ -171,6 +199,30 @@ async def test_a_body_that_never_arrives_is_408_and_the_connection_closed(live_s
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert b"request body not received in time: the whole body must arrive within 1s" in answer
     assert 0.9 < waited < 4, f"answered after {waited:.1f}s"  # and closed: the read above ended
+
+
+async def test_a_path_cannot_forge_a_log_line(live_server: LiveServer) -> None:
+    """A request line that would write a made-up record of its own, and a NUL and a terminal escape, into the
+    readable log of a real server."""
+    paths = ["/x%0a" + quote(FORGED), "/y%00z%1b[31m%e2%80%a8w"]
+    for path in paths:
+        reader, writer = await asyncio.open_connection("127.0.0.1", live_server.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 404 ")
+        writer.close()
+    expected = [f"GET /x\\x0a{FORGED} 404 ", "GET /y\\x00z\\x1b[31m\\u2028w 404 "]
+    for _ in range(50):  # the line is written just after the answer
+        log = live_server.log.read_bytes()
+        if all(line.encode() in log for line in expected):
+            break
+        await asyncio.sleep(0.1)
+    assert b"\x00" not in log
+    assert b"\x1b" not in log
+    assert "\u2028".encode() not in log
+    lines = log.decode().split("\n")
+    assert not [line for line in lines if line.startswith(FORGED[:23])]
+    for text in expected:
+        assert len([line for line in lines if text in line]) == 1, text
 
 
 def _rss_mib(pid: int) -> float:

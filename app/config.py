@@ -291,6 +291,8 @@ class Settings(BaseSettings):
                 ) from None
             if url.get_backend_name() not in {"postgres", "postgresql"}:
                 raise ValueError("DATABASE_URL must be a PostgreSQL URL (postgresql://...)")
+            if url.port is not None and not 1 <= url.port <= 65535:
+                raise ValueError(f"DATABASE_URL's port must be 1 to 65535, not {url.port}")
             return url.set(drivername="postgresql+asyncpg")
         if not self.db_host:
             raise ValueError("no database configured")

@@ -16,6 +16,7 @@ from uuid import uuid4
 import asyncpg
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import event, text
@@ -315,18 +316,22 @@ async def database_is_up(engine: AsyncEngine) -> bool:
     return True
 
 
-async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Apply every Alembic migration not yet applied (`alembic upgrade head`), under an advisory lock."""
+async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
+    """Apply every Alembic migration not yet applied (`alembic upgrade head`), under an advisory lock. Returns the
+    revision the database was at (None: empty), read under the lock: with several deploys starting together, only
+    the one that migrated sees the old revision."""
 
-    def upgrade(connection: Connection) -> None:
+    def upgrade(connection: Connection) -> str | None:
+        before = ", ".join(sorted(MigrationContext.configure(connection).get_current_heads())) or None
         config = Config()
         config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+        return before
 
     async with engine.begin() as connection:
         await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
         # A migration waiting for a table lock would queue every request of the running app behind it:
         # give up instead (the deploy fails and can be retried), never stall the service.
         await connection.execute(text("SET LOCAL lock_timeout = '10s'"))
-        await connection.run_sync(upgrade)
+        return await connection.run_sync(upgrade)

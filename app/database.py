@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.config import Settings, split_sslmode
-from app.errors import AppError, DatabaseUnavailable, is_connection_failure
+from app.errors import AppError, DatabaseBusy, DatabaseUnavailable, is_connection_failure
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +249,10 @@ async def checkout(pool: asyncpg.Pool, max_wait: float) -> asyncpg.Connection:
                 except StaleConnection:
                     continue
     except Exception as exc:
+        # The deadline passed with every connection open and in use: busy (while connecting: unreachable).
+        if isinstance(exc, TimeoutError) and pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():
+            logger.warning("database busy: all %d pooled connections stayed in use for %gs", pool.get_size(), max_wait)
+            raise DatabaseBusy from exc
         if is_connection_failure(exc) or isinstance(exc, asyncpg.InterfaceError):  # incl. "pool is closing"
             raise DatabaseUnavailable from exc
         raise

@@ -41,7 +41,7 @@ MAX_TOKEN_LENGTH = 8_192
 # so without this one token could be sent in endless spellings (each a new entry of the cache below).
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # ...and each part in its one canonical spelling: the unused low bits of its last character zero. Which characters
-# qualify depends on the part's length modulo 4 (1 is no base64 at all). Checked before the library, on a cache miss.
+# qualify depends on the part's length modulo 4 (1 is no base64 at all). Both before the library and the cache.
 _CANONICAL_LAST = {2: "AQgw", 3: "AEIMQUYcgkosw048"}
 JWKS_REFRESH_INTERVAL = 60.0
 # Fetched keys are also refreshed after this long, so a key the project revoked stops being trusted.
@@ -153,9 +153,9 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthorized(f"token too long: at most {MAX_TOKEN_LENGTH} characters")
-        if _JWT_SHAPE.fullmatch(token) is None:
-            raise Unauthorized("invalid token")
         now = time.time()
+        # Looked up as sent: only a token that passed every check below is ever remembered, so a respelling of one
+        # is never found here, and the shape check costs nothing on the hot path.
         cached = self._verified.get(token)
         if cached is not None:
             if now < cached[0]:
@@ -179,7 +179,7 @@ class TokenVerifier:
             self._verified_bytes -= len(token) + VERIFIED_ENTRY_BYTES
 
     async def _verify_uncached(self, token: str) -> tuple[Principal, float]:
-        if not _canonical(token):
+        if _JWT_SHAPE.fullmatch(token) is None or not _canonical(token):
             raise Unauthorized("invalid token")
         try:
             header = jwt.get_unverified_header(token)

@@ -31,7 +31,7 @@ logger = logging.getLogger("app")
 
 # Stripe publishes no size limit for events. An event carries one object, whose lists (an invoice's lines) hold one
 # page at most; the events handled here (checkout sessions, invoices and subscriptions of one price, charges,
-# disputes, short metadata) are 2 to 15 KB. 256 KiB leaves room for many times that, and 100 slow senders hold at
+# disputes, short metadata) are a few KB. 256 KiB leaves room for many times that, and 100 slow senders hold at
 # most 25 MiB (with 4 MiB they held 400).
 WEBHOOK_MAX_BODY_BYTES = 256 * 1024
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")

@@ -276,8 +276,7 @@ async def check_ledger(engine: AsyncEngine) -> str:
 
 
 async def run_migrations(engine: AsyncEngine) -> str:
-    before = await current_revision(engine)
-    await migrate(engine)
+    before = await migrate(engine)
     after = await current_revision(engine)
     if before == after:
         return f"up to date at revision {after}"

@@ -34,8 +34,11 @@ from app.services.billing.stripe_api import connect_stripe
 
 logger = logging.getLogger("app")
 
-# Stripe's events are small, but a large invoice can exceed the general limit.
-WEBHOOK_MAX_BODY_BYTES = 4 * 1024 * 1024
+# Stripe publishes no size limit for events. An event carries one object, whose lists (an invoice's lines) hold one
+# page at most; the events handled here (checkout sessions, invoices and subscriptions of one price, charges,
+# disputes, short metadata) are a few KB. 256 KiB leaves room for many times that, and 100 slow senders hold at
+# most 25 MiB (with 4 MiB they held 400).
+WEBHOOK_MAX_BODY_BYTES = 256 * 1024
 
 DESCRIPTION = """
 The Picads.ai backend. Sign in with Supabase and send the access token as `Authorization: Bearer <token>`
@@ -124,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allowed_origins=settings.allowed_origins,
         max_body_bytes=settings.max_body_bytes,
         body_limits={"/webhook": WEBHOOK_MAX_BODY_BYTES},
+        body_timeout=settings.body_timeout,
         hsts=settings.is_production,
         docs_paths=DOCS_PATHS,
     )

@@ -121,8 +121,10 @@ class Settings(BaseSettings):
     # Operations
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # Larger request bodies get 413 before they are read whole (Stripe's webhook has its own, larger limit).
+    # Larger request bodies get 413 before they are read whole (Stripe's webhook has its own limit, 256 KiB).
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # Seconds a client has to send a request's whole body (408 after it): a slow one holds a connection no longer.
+    body_timeout: float = Field(10.0, gt=0, le=300)
     # /docs, /redoc and /openapi.json; unset: served outside production only (see docs_served).
     docs_enabled: bool | None = None
 
@@ -326,6 +328,8 @@ class Settings(BaseSettings):
                     "DATABASE_URL: the password contains an unencoded '@': percent-encode it (@ as %40), "
                     "or set DB_PASSWORD instead"
                 )
+            if url.port is not None and not 1 <= url.port <= 65535:
+                raise ValueError(f"DATABASE_URL's port must be 1 to 65535, not {url.port}")
             return url.set(drivername="postgresql+asyncpg")
         if not self.db_host:
             raise ValueError("no database configured")

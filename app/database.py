@@ -23,7 +23,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.config import Settings, split_sslmode
 from app.embedded import start_embedded_postgres
-from app.errors import AppError, DatabaseUnavailable, StartupError, is_connection_failure
+from app.errors import AppError, DatabaseBusy, DatabaseUnavailable, StartupError, is_connection_failure
 from app.schema import alembic_config, includes, read_schema_state
 
 logger = logging.getLogger(__name__)
@@ -239,6 +239,10 @@ async def checkout(pool: asyncpg.Pool, max_wait: float) -> asyncpg.Connection:
                 except StaleConnection:
                     continue
     except Exception as exc:
+        # The deadline passed with every connection open and in use: busy (while connecting: unreachable).
+        if isinstance(exc, TimeoutError) and pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():
+            logger.warning("database busy: all %d pooled connections stayed in use for %gs", pool.get_size(), max_wait)
+            raise DatabaseBusy from exc
         if is_connection_failure(exc) or isinstance(exc, asyncpg.InterfaceError):  # incl. "pool is closing"
             raise DatabaseUnavailable from exc
         raise
@@ -298,9 +302,11 @@ async def close_driver_pool(pool: asyncpg.Pool, grace: float) -> None:
 # --- Migrations ------------------------------------------------------------------------------------
 
 
-async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
     """Apply every Alembic migration not yet applied, up to `revision` (`alembic upgrade head`), under an
-    advisory lock. A database at a revision this code does not have is refused with the way out."""
+    advisory lock. A database at a revision this code does not have is refused with the way out. Returns the
+    revision the database was at (None: empty), read under the lock: with several deploys starting together, only
+    the one that migrated sees the old revision."""
 
     def upgrade(connection: Connection) -> None:
         config = alembic_config()
@@ -312,9 +318,11 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
         state = await read_schema_state(connection)
         if state.unknown is not None:
             raise StartupError(state.unknown_message())
+        before = ", ".join(sorted(state.revisions)) or None
         if revision != "head" and any(includes(applied, revision) for applied in state.revisions):
-            return  # already there or further (a reviewed revision applied by hand)
+            return before  # already there or further (a reviewed revision applied by hand)
         # A migration waiting for a table lock would queue every request of the running app behind it:
         # give up instead (the deploy fails and can be retried), never stall the service.
         await connection.execute(text("SET LOCAL lock_timeout = '10s'"))
         await connection.run_sync(upgrade)
+        return before

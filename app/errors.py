@@ -56,6 +56,13 @@ class DatabaseUnavailable(ServiceUnavailable):
     default_detail = "database unavailable, try again shortly"
 
 
+class DatabaseBusy(ServiceUnavailable):
+    """The database answers, but not in time: every pooled connection stayed in use for DB_POOL_TIMEOUT, or a
+    statement ran past DB_STATEMENT_TIMEOUT_MS (slow queries, or locks held elsewhere)."""
+
+    default_detail = "database busy, try again"
+
+
 class StartupError(Exception):
     """A reason not to start serving, with its fix, said in one line (no traceback): the schema does not match
     the code, no database and no embedded one to start."""
@@ -82,12 +89,25 @@ _CONNECTION_FAILURES = (
 )
 
 
+# SQLSTATE 57014: a statement cancelled, by statement_timeout or on request.
+_QUERY_CANCELED = "57014"
+
+
+def is_database_busy(exc: BaseException) -> bool:
+    """True when the database was reachable but too busy to answer in time, anywhere in the chain."""
+    for error in exception_chain(exc):
+        if isinstance(error, PoolTimeoutError | DatabaseBusy) or getattr(error, "sqlstate", None) == _QUERY_CANCELED:
+            return True
+    return False
+
+
 def is_connection_failure(exc: BaseException) -> bool:
     """True when the database could not be reached (as opposed to a bug in a query), anywhere in the chain."""
     for error in exception_chain(exc):
         if isinstance(error, DBAPIError) and error.connection_invalidated:
             return True
-        if isinstance(error, _CONNECTION_FAILURES):
+        # A cancelled statement is in SQLSTATE class 57 with the server's shutdowns, but its connection is fine.
+        if isinstance(error, _CONNECTION_FAILURES) and getattr(error, "sqlstate", None) != _QUERY_CANCELED:
             return True
         if isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error):
             return True
@@ -100,6 +120,9 @@ async def _app_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_database_busy(exc):  # before the connection check: a pool that timed out is busy, not unreachable
+        logger.warning("database busy during %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return await _app_error(request, DatabaseBusy())
     if not is_connection_failure(exc):
         raise exc
     logger.warning("database unreachable during %s %s: %s", request.method, request.url.path, type(exc).__name__)
@@ -132,7 +155,7 @@ async def _invalid_request(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    if is_connection_failure(exc):  # a lost connection wrapped in something else (a library's own error)
+    if is_database_busy(exc) or is_connection_failure(exc):  # wrapped in something else (a library's own error)
         return await _database_error(request, exc)
     # Still a JSON answer (the traceback goes to the log, through the server, never to the caller).
     logger.error("unhandled %s during %s %s", type(exc).__name__, request.method, request.url.path)

@@ -1,15 +1,58 @@
-"""Logging set-up: readable text by default, one JSON object per line with LOG_FORMAT=json."""
+"""Logging set-up: readable text by default, one JSON object per line with LOG_FORMAT=json.
+
+Logged values come from clients too (a request's path): in both formats control characters (C0, DEL, C1) and the
+Unicode line and paragraph separators are written as escapes (`\\x0a`), so no value can start a line of its own,
+forge a record, or put a NUL or a terminal escape into the log.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and belongs in the JSON.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """The text with its unsafe characters escaped; the same object when it has none (one scan, no copy)."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape_lines(text: str) -> list[str]:
+    """A traceback's own lines, each escaped: its line breaks are structure, anything else is data."""
+    return [escape_controls(line) for line in text.split("\n")]
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record whatever it holds; a traceback follows on lines indented under it."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(f"    {line}" for line in _escape_lines(super().formatException(ei)))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(f"    {line}" for line in _escape_lines(stack_info))
+
+
+def _json_default(value: Any) -> str:
+    return escape_controls(str(value))
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,12 +61,16 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escape_controls(record.getMessage()),
         }
-        entry.update((key, value) for key, value in record.__dict__.items() if key not in _STANDARD)
+        entry.update(
+            (key, escape_controls(value) if isinstance(value, str) else value)
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD
+        )
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+            entry["exception"] = "\n".join(_escape_lines(self.formatException(record.exc_info)))
+        return json.dumps(entry, default=_json_default)
 
 
 def configure_logging(log_format: str, level: str) -> None:
@@ -34,10 +81,7 @@ def configure_logging(log_format: str, level: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -13,29 +13,53 @@ TEXT_MAX = 200
 SPEND_MAX = 1_000_000
 
 
+# Refused in text: control characters (Cc); unpaired surrogates (Cs: a broken UTF-16 escape in the JSON, which no
+# database can store); format characters (Cf), which are invisible and some of which reorder what follows them
+# (U+202E shows it backwards, U+200B and U+FEFF are nothing to see). The two joiners stay: Persian and Indic names
+# and emoji sequences need them.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Cf"})
+_JOINERS = frozenset({"\u200c", "\u200d"})
+
+
+def _refused(char: str) -> bool:
+    return unicodedata.category(char) in _REFUSED_CATEGORIES and char not in _JOINERS
+
+
 def _clean_text(value: str, max_length: int) -> str:
     value = value.strip()
     if not value:
         raise ValueError("must not be empty")
     if len(value) > max_length:
         raise ValueError(f"must be at most {max_length} characters")
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in value):
-        # Cs: a lone surrogate (a broken UTF-16 escape in the JSON), which no database can store.
-        raise ValueError("must not contain control characters or unpaired surrogates")
+    # isprintable() is False for every refused character (and for a few that are fine, such as U+00A0): one pass
+    # in C for the usual text, the precise look only when it finds something.
+    if not value.isprintable():
+        found = next((char for char in value if _refused(char)), None)
+        if found is not None:
+            raise ValueError(
+                f"must not contain U+{ord(found):04X}: control characters, invisible formatting characters "
+                "and unpaired surrogates are refused"
+            )
     return value
 
 
 # The rules of `_clean_text` in the API description (not enforced by it: the validator's messages are clearer).
-_TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+# The format characters of the Basic Multilingual Plane, but the joiners (U+200C, U+200D).
+_FORMAT = (
+    r"\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b\u200e\u200f\u202a-\u202e"
+    r"\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+)
+_ALLOWED = rf"[^\x00-\x1f\x7f-\x9f{_FORMAT}]"
+_TEXT_PATTERN = rf"^{_ALLOWED}*[^\s\x00-\x1f\x7f-\x9f{_FORMAT}]{_ALLOWED}*$"
 
-# A display name or a reason: trimmed, 1 to 200 characters, no control characters.
+# A display name or a reason: trimmed, 1 to 200 characters, no control or invisible formatting characters.
 ShortText = Annotated[
     str,
     Field(json_schema_extra={"pattern": _TEXT_PATTERN, "maxLength": TEXT_MAX}),
     AfterValidator(lambda value: _clean_text(value, TEXT_MAX)),
 ]
-NAME_DESCRIPTION = "Display name: trimmed, 1 to 200 characters, no control characters"
-REASON_DESCRIPTION = "Why: trimmed, 1 to 200 characters, no control characters"
+NAME_DESCRIPTION = "Display name: trimmed, 1 to 200 characters, no control or invisible formatting characters"
+REASON_DESCRIPTION = "Why: trimmed, 1 to 200 characters, no control or invisible formatting characters"
 
 
 class Message(BaseModel):

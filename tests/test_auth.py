@@ -7,10 +7,13 @@ import base64
 import hashlib
 import hmac
 import json
+import string
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from jose import jwk
 from sqlalchemy.engine import URL
 
 from app.application import create_app
+from app.auth import TokenVerifier, User
+from app.errors import Unauthorized
 from tests.conftest import TEST_SERVICE_ROLE_KEY, bearer, make_settings, sign, user_claims
 
 
@@ -54,6 +59,10 @@ class Keys:
 class JwksServer:
     def __init__(self, keys: Keys) -> None:
         outer = self
+        # What a misbehaving JWKS endpoint sends instead of the keys, and a pause before each of its bytes.
+        self.answer: bytes | None = None
+        self.drip_seconds = 0.0
+        self.stopped = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -61,12 +70,19 @@ class JwksServer:
                 if self.path != "/auth/v1/.well-known/jwks.json":
                     self.send_error(404)
                     return
-                body = json.dumps(outer.keys.jwks).encode()
+                body = outer.answer if outer.answer is not None else json.dumps(outer.keys.jwks).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not outer.drip_seconds:
+                    self.wfile.write(body)
+                    return
+                for index in range(len(body)):  # one byte at a time, until the test ends
+                    if outer.stopped.wait(outer.drip_seconds):
+                        return
+                    self.wfile.write(body[index : index + 1])
+                    self.wfile.flush()
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -87,18 +103,35 @@ def jwks_server(keys: Keys) -> Iterator[JwksServer]:
     server = JwksServer(keys)
     server.thread.start()
     yield server
+    server.stopped.set()
     server.server.shutdown()
 
 
 @pytest.fixture
-async def jwks_client(database_url: URL, tmp_path: Path, jwks_server: JwksServer) -> AsyncIterator[httpx.AsyncClient]:
+def misbehaving_jwks(keys: Keys) -> Iterator[JwksServer]:
+    """A JWKS endpoint of the test's own, told by the test what to answer."""
+    server = JwksServer(keys)
+    server.thread.start()
+    yield server
+    server.stopped.set()
+    server.server.shutdown()
+
+
+@asynccontextmanager
+async def served_with(database_url: URL, tmp_path: Path, server: JwksServer) -> AsyncIterator[httpx.AsyncClient]:
     """An app configured like a current Supabase project: SUPABASE_URL (JWKS), no JWT secret."""
-    settings = make_settings(database_url, tmp_path, supabase_url=jwks_server.url, supabase_jwt_secret=None)
+    settings = make_settings(database_url, tmp_path, supabase_url=server.url, supabase_jwt_secret=None)
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
             yield http
+
+
+@pytest.fixture
+async def jwks_client(database_url: URL, tmp_path: Path, jwks_server: JwksServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with served_with(database_url, tmp_path, jwks_server) as http:
+        yield http
 
 
 def issued_by(server: JwksServer, **overrides: Any) -> dict[str, Any]:
@@ -165,12 +198,95 @@ def _hmac_with(key: bytes, claims: dict[str, Any], kid: str) -> str:
         "garbage",
         sign(user_claims())[:-4] + "AAAA",
         sign(user_claims(), algorithm="HS512"),
-        "x" * 20_000,
     ],
-    ids=["wrong-secret", "alg-none", "malformed", "not-a-jwt", "tampered-signature", "hs512", "oversized"],
+    ids=["wrong-secret", "alg-none", "malformed", "not-a-jwt", "tampered-signature", "hs512"],
 )
 async def test_bad_tokens_are_401(client: httpx.AsyncClient, token: str) -> None:
     response = await client.get("/profile", headers=bearer(token))
+    assert response.status_code == 401
+    assert response.json() == {"detail": "invalid token"}
+
+
+_BASE64URL = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+
+
+def _respelt(token: str) -> str:
+    """The same token to a lenient decoder: the last character's unused low bit set (an HS256 signature is 43
+    characters, so its last one carries 2 unused bits)."""
+    return token[:-1] + _BASE64URL[_BASE64URL.index(token[-1]) ^ 1]
+
+
+async def test_a_token_is_accepted_in_its_one_spelling_only(client: httpx.AsyncClient) -> None:
+    """python-jose skips what is not base64url and ignores unused bits: each respelling would be a new cache entry."""
+    token = sign(user_claims())
+    assert (await client.get("/public-data", headers=bearer(token))).status_code == 200
+    respellings = {
+        "junk appended": token + "!!!!",
+        "lots of junk appended": token + "!" * 4_000,
+        "junk inside": token.replace(".", "!.", 1),
+        "padding": token + "=",
+        "unused bits set": _respelt(token),
+    }
+    for name, respelt in respellings.items():
+        response = await client.get("/public-data", headers=bearer(respelt))
+        assert response.status_code == 401, name
+        assert response.json() == {"detail": "invalid token"}, name
+
+
+async def test_tokens_longer_than_supabase_issues_are_refused(client: httpx.AsyncClient) -> None:
+    big_but_possible = sign(user_claims(user_metadata={"bio": "x" * 5_500}))  # about 7,800 characters
+    assert len(big_but_possible) < 8_192
+    assert (await client.get("/public-data", headers=bearer(big_but_possible))).status_code == 200
+    for too_long in (sign(user_claims(user_metadata={"bio": "x" * 6_500})), "x" * 20_000):
+        response = await client.get("/public-data", headers=bearer(too_long))
+        assert response.status_code == 401
+        assert response.json() == {"detail": "token too long: at most 8192 characters"}
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_the_verified_token_cache_is_bounded_in_memory(database_url: URL, tmp_path: Path) -> None:
+    """4,000 distinct valid tokens of 7.8 KB, fewer than the cache's count (10,000): its memory bound applies first.
+    The verifier on its own, so that nothing but what it keeps is measured (each token made inside the measure
+    and kept by nothing else)."""
+    verifier = TokenVerifier(make_settings(database_url, tmp_path))
+    user = uuid.uuid4()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(4_000):
+            await verifier.verify(sign(user_claims(user, jti=str(number), user_metadata={"bio": "x" * 5_500})))
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        await verifier.aclose()
+    assert kept < 22 * 1024 * 1024, f"{kept / 1024 / 1024:.0f} MiB kept"  # 20 MiB, and the allocator's slack
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": None},
+        {"exp": "9999999999"},
+        {"exp": "soon"},
+        {"exp": [9999999999]},
+        {"exp": True},
+        {"exp": float("inf")},
+        {"nbf": None},
+        {"iat": {"at": 1}},
+    ],
+    ids=[
+        "exp-null",
+        "exp-numeric-string",
+        "exp-string",
+        "exp-list",
+        "exp-true",
+        "exp-infinite",
+        "nbf-null",
+        "iat-object",
+    ],
+)
+async def test_times_that_are_not_numbers_are_401(client: httpx.AsyncClient, claims: dict[str, Any]) -> None:
+    response = await client.get("/profile", headers=bearer(sign({**user_claims(), **claims})))
     assert response.status_code == 401
     assert response.json() == {"detail": "invalid token"}
 
@@ -270,3 +386,58 @@ async def test_a_remembered_token_still_expires(database_url: URL, tmp_path: Pat
             expired = await http.get("/public-data", headers=token)
             assert expired.status_code == 401
             assert expired.json() == {"detail": "token expired"}
+
+
+# --- A JWKS endpoint that misbehaves ---------------------------------------------------------------------------
+
+
+async def test_a_malformed_key_is_401_not_500(
+    database_url: URL, tmp_path: Path, keys: Keys, misbehaving_jwks: JwksServer
+) -> None:
+    broken = {"kty": "EC", "crv": "P-256", "x": "AAAA", "y": "AAAA", "kid": "broken", "use": "sig"}
+    misbehaving_jwks.answer = json.dumps({"keys": [*keys.jwks["keys"], broken]}).encode()
+    ec_private = _pem(keys.ec, True)
+    async with served_with(database_url, tmp_path, misbehaving_jwks) as http:
+        naming_it = sign(issued_by(misbehaving_jwks), ec_private, "ES256", kid="broken")
+        response = await http.get("/public-data", headers=bearer(naming_it))
+        assert response.status_code == 401
+        assert response.json() == {"detail": "invalid token"}
+        good = sign(issued_by(misbehaving_jwks), ec_private, "ES256", kid="ec-1")
+        assert (await http.get("/public-data", headers=bearer(good))).status_code == 200
+
+
+async def test_a_dripping_jwks_server_holds_a_request_for_one_deadline_at_most(
+    database_url: URL, tmp_path: Path, keys: Keys, misbehaving_jwks: JwksServer
+) -> None:
+    misbehaving_jwks.drip_seconds = 0.5  # each read gets a byte in time; the whole answer takes minutes
+    token = sign(issued_by(misbehaving_jwks), _pem(keys.ec, True), "ES256", kid="ec-1")
+    async with served_with(database_url, tmp_path, misbehaving_jwks) as http:
+        started = time.monotonic()
+        response = await asyncio.wait_for(http.get("/public-data", headers=bearer(token)), 15)
+        waited = time.monotonic() - started
+    assert response.status_code == 401
+    assert waited < 7, f"held for {waited:.1f}s"
+
+
+async def test_a_jwks_answer_without_usable_keys_keeps_the_keys_from_before(
+    database_url: URL, tmp_path: Path, keys: Keys, misbehaving_jwks: JwksServer
+) -> None:
+    """The verifier on its own, refetching whenever asked (the app allows it once a minute): a `200 {}` used to
+    replace every key, and any token naming an unknown key makes it refetch."""
+    settings = make_settings(database_url, tmp_path, supabase_url=misbehaving_jwks.url, supabase_jwt_secret=None)
+    verifier = TokenVerifier(settings, jwks_refresh_interval=0)
+    ec_private = _pem(keys.ec, True)
+
+    def fresh(kid: str) -> str:  # never seen before, so never answered from the cache of verified tokens
+        return sign(issued_by(misbehaving_jwks, jti=str(uuid.uuid4())), ec_private, "ES256", kid=kid)
+
+    try:
+        assert isinstance(await verifier.verify(fresh("ec-1")), User)
+        unusable = [b"{}", b'{"keys": []}', b'{"keys": [{"kid": "ec-1", "kty": "EC", "x": "AAAA"}]}', b"<html>"]
+        for answer in unusable:
+            misbehaving_jwks.answer = answer
+            with pytest.raises(Unauthorized):
+                await verifier.verify(fresh("rotated-or-random"))
+            assert isinstance(await verifier.verify(fresh("ec-1")), User), answer
+    finally:
+        await verifier.aclose()

@@ -92,6 +92,21 @@ async def test_webhook_refuses_what_stripe_did_not_sign(
     assert (await billing.post("/webhook", **good)).status_code == 200  # the genuine one is accepted
 
 
+async def test_webhook_refuses_signatures_from_the_future(
+    billing: httpx.AsyncClient, engine: AsyncEngine, fake_stripe: FakeStripe, pack: Purchase
+) -> None:
+    """Signed with the secret for a time to come (a leaked secret, or a delivery held back): refused beyond the
+    tolerance, as old ones are, so it cannot be replayed until then."""
+    payload = event("checkout.session.completed", completed(fake_stripe, pack))
+    for ahead in (400, 10 * 365 * 86400):
+        future = await billing.post("/webhook", **signed(payload, timestamp=int(time.time()) + ahead))
+        assert future.status_code == 400
+        assert future.json()["detail"] == "Stripe signature timestamp is in the future: check this server's clock"
+    assert await stripe_events(engine) == []
+    # Clocks differ a little: a minute ahead is within the tolerance.
+    assert (await billing.post("/webhook", **signed(payload, timestamp=int(time.time()) + 60))).status_code == 200
+
+
 # --- Credit packs ------------------------------------------------------------------------------------------------
 
 

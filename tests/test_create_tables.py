@@ -304,6 +304,19 @@ async def test_two_deploys_starting_at_once_both_succeed(
         await engine.dispose()
 
 
+async def test_of_three_deploys_starting_at_once_one_migrates_and_says_so(
+    new_database: Callable[[], Awaitable[URL]], subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = await new_database()
+    env = {**subprocess_env, "DATABASE_URL": url.render_as_string(hide_password=False)}
+    runs = await asyncio.gather(*(run_script(env, tmp_path) for _ in range(3)))
+    assert [run.returncode for run in runs] == [0, 0, 0], [run.output for run in runs]
+    migrations = sorted(line for run in runs for line in run.stdout.splitlines() if line.startswith("migrations"))
+    assert len(migrations) == 3
+    assert "(was an empty database)" in migrations[0]
+    assert all(" ok      up to date at revision " in line for line in migrations[1:]), migrations
+
+
 # --- The signup trigger ---------------------------------------------------------------------------------
 
 
@@ -473,6 +486,13 @@ def test_missing_database_is_named(in_process: Callable[..., Run], server_url: U
     url = server_url.set(database="picads_no_such_db").render_as_string(hide_password=False)
     run = in_process("--check", DATABASE_URL=url)
     assert_one_clear_sentence(run, 'connection     FAILED  database "picads_no_such_db" does not exist on')
+
+
+def test_a_port_out_of_range_is_one_line(in_process: Callable[..., Run]) -> None:
+    run = in_process("--check", DATABASE_URL="postgresql://u:p@127.0.0.1:99999/x")
+    assert_one_clear_sentence(
+        run, "settings       FAILED  Configuration error: DATABASE_URL's port must be 1 to 65535, not 99999"
+    )
 
 
 def test_a_silent_server_times_out(in_process: Callable[..., Run]) -> None:

@@ -271,6 +271,12 @@ async def test_unpaired_surrogates_are_422(
     assert "unpaired surrogates" in str(response.json()["detail"])
 
 
+async def test_invisible_characters_in_a_reason_are_422(client: httpx.AsyncClient, member: dict[str, str]) -> None:
+    response = await client.post("/credits/spend", headers=member, json={"amount": 1, "reason": "refund\u202e"})
+    assert response.status_code == 422
+    assert "must not contain U+202E" in str(response.json()["detail"])
+
+
 async def test_a_cursor_beyond_any_entry_id_is_422(client: httpx.AsyncClient, member: dict[str, str]) -> None:
     response = await client.get("/credits/transactions", headers=member, params={"before": 10**20})
     assert response.status_code == 422

@@ -116,6 +116,30 @@ async def test_invalid_update_is_422(
     assert (await client.get("/profile", headers=auth)).json()["full_name"] == "Ada"
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["Ada \u202eecalevoL", "\u200b", "\ufeff", "A\u200bda", "Ada \u2066Lovelace\u2069", "Ada\u00adLovelace"],
+    ids=["right-to-left-override", "zero-width-space", "lone-bom", "hidden-space", "isolate", "soft-hyphen"],
+)
+async def test_invisible_and_direction_changing_characters_are_422(
+    client: httpx.AsyncClient, auth: dict[str, str], name: str
+) -> None:
+    """They make a name show as something else (U+202E writes what follows backwards) or as nothing at all."""
+    await client.post("/profile", headers=auth, json={"full_name": "Ada"})
+    response = await client.put("/profile", headers=auth, json={"full_name": name})
+    assert response.status_code == 422
+    assert "invisible formatting characters" in str(response.json()["detail"])
+    assert (await client.get("/profile", headers=auth)).json()["full_name"] == "Ada"
+
+
+async def test_names_that_need_joiners_are_accepted(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
+    await client.post("/profile", headers=auth)
+    for name in ("\u0639\u0644\u06cc\u200c\u0631\u0636\u0627", "\U0001f469\u200d\U0001f4bb Ada"):  # ZWNJ, ZWJ
+        response = await client.put("/profile", headers=auth, json={"full_name": name})
+        assert response.status_code == 200
+        assert response.json()["full_name"] == name
+
+
 async def test_full_name_can_be_cleared_and_is_200_chars_max(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
     await client.post("/profile", headers=auth)
     longest = await client.put("/profile", headers=auth, json={"full_name": "é" * 200})

@@ -7,6 +7,7 @@ changes nothing; grants are also unique per Stripe object (checkout session, inv
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -41,11 +42,13 @@ INVALID_SIGNATURE = (
     "(or of `stripe listen`), and the body must reach the server unchanged"
 )
 STALE_SIGNATURE = "Stripe signature timestamp is too old: check this server's clock, or resend the event"
+FUTURE_SIGNATURE = "Stripe signature timestamp is in the future: check this server's clock"
 NOT_AN_EVENT = "the webhook body is not a Stripe event"
 
 
 def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
-    """The event, once its Stripe-Signature is verified on the raw body (default 300 s tolerance); else 400."""
+    """The event, once its Stripe-Signature is verified on the raw body and its time is within 300 s of this
+    server's clock, either way; else 400."""
     if not signature:
         raise WebhookRefused(MISSING_SIGNATURE)
     try:
@@ -56,6 +59,12 @@ def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str
         raise WebhookRefused(INVALID_SIGNATURE) from None
     except ValueError:  # not UTF-8 or not JSON (UnicodeDecodeError is a ValueError)
         raise WebhookRefused(NOT_AN_EVENT) from None
+    # The library refuses only old timestamps: a delivery signed for later would be replayable until then. Its
+    # signed time read as the library reads it (the first `t=`), now that the signature over it checked out.
+    fields = [item.split("=", 2) for item in signature.split(",")]
+    signed_at = int(next(field[1] for field in fields if field[0] == "t"))
+    if signed_at > time.time() + stripe.Webhook.DEFAULT_TOLERANCE:
+        raise WebhookRefused(FUTURE_SIGNATURE)
     data: dict[str, Any] = event.to_dict()
     if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
         raise WebhookRefused(NOT_AN_EVENT)

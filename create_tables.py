@@ -325,7 +325,7 @@ async def run(args: argparse.Namespace) -> None:
                 "signup trigger",
                 args.signup_trigger,
                 "--signup-trigger",
-                lambda connection: bootstrap.install_signup_trigger(connection, settings.signup_credits),
+                lambda connection: bootstrap.install_signup_trigger(connection, settings.signup_grants),
             ),
         ]
         for step, enabled, flag, work in optional:

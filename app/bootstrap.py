@@ -16,9 +16,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.config import SignupGrants
 from app.database import MIGRATION_LOCK_ID
 from app.models import Base
-from app.services.profiles import SIGNUP_NOTE, SIGNUP_REFERENCE
+from app.services.profiles import ANONYMOUS_NOTE, SIGNUP_NOTE, SIGNUP_REFERENCE
 
 # Supabase's API roles. PostgREST switches to `anon` or `authenticated` per request.
 API_ROLES = ("anon", "authenticated")
@@ -320,43 +321,57 @@ async def enable_realtime(connection: AsyncConnection, table: str = "profiles") 
 # --- Signup trigger --------------------------------------------------------------------------------------
 
 
-async def install_signup_trigger(connection: AsyncConnection, signup_credits: int) -> str:
-    """Where Supabase's auth.users exists: create each new user's profile (and its ledger grant) at signup."""
-    if not await _scalar_bool(connection, "SELECT to_regclass('auth.users') IS NOT NULL"):
-        raise StepSkipped("no auth.users table here (not a Supabase database)")
-    credits = int(signup_credits)
-    has_metadata = await _scalar_bool(
+async def _auth_users_has(connection: AsyncConnection, column: str) -> bool:
+    return await _scalar_bool(
         connection,
         "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'auth' "
-        "AND table_name = 'users' AND column_name = 'raw_user_meta_data')",
+        "AND table_name = 'users' AND column_name = :column)",
+        column=column,
     )
+
+
+# What the API refuses in a name, removed: control characters, and invisible or direction-changing ones.
+_UNPRINTABLE = r"[[:cntrl:]\u00AD\u200B\u200E\u200F\u202A-\u202E\u2060-\u2064\u2066-\u2069\uFEFF]"
+
+
+async def install_signup_trigger(connection: AsyncConnection, grants: SignupGrants) -> str:
+    """Where Supabase's auth.users exists: create each new user's profile (and its ledger grant) at signup. An
+    anonymous sign-in gets the anonymous grant; the API gives the full one with a permanent account."""
+    if not await _scalar_bool(connection, "SELECT to_regclass('auth.users') IS NOT NULL"):
+        raise StepSkipped("no auth.users table here (not a Supabase database)")
+    signup, anonymous_credits = int(grants.signup), int(grants.anonymous)
     # The name a user typed at signup (or their OAuth provider's), cleaned as the API would store it.
+    cleaned = f"regexp_replace(NEW.raw_user_meta_data ->> 'full_name', '{_UNPRINTABLE}', '', 'g')"
     full_name = (
-        r"left(nullif(btrim(regexp_replace(NEW.raw_user_meta_data ->> 'full_name', '[[:cntrl:]]', '', 'g')), ''), 200)"
-        if has_metadata
+        f"left(nullif(btrim({cleaned}), ''), 200)"
+        if await _auth_users_has(connection, "raw_user_meta_data")
         else "NULL"
     )
-    ledger = ""
-    if await _table_exists(connection, "credit_entries"):
-        reference, note = _literal(SIGNUP_REFERENCE), _literal(SIGNUP_NOTE)
-        ledger = f"""
-        IF FOUND THEN
-            INSERT INTO public.credit_entries (profile_id, amount, balance_after, kind, reference, note)
-            VALUES (NEW.id, {credits}, {credits}, 'signup_grant', {reference}, {note});
-        END IF;"""  # noqa: S608 - an int and constants, no input
+    anonymous = "coalesce(NEW.is_anonymous, false)" if await _auth_users_has(connection, "is_anonymous") else "false"
+    reference, note, anonymous_note = _literal(SIGNUP_REFERENCE), _literal(SIGNUP_NOTE), _literal(ANONYMOUS_NOTE)
     # SECURITY DEFINER: the signup runs as Supabase's auth service, which may not write our tables.
     await connection.execute(
         text(
             f"""
             CREATE OR REPLACE FUNCTION public.{SIGNUP_FUNCTION}() RETURNS trigger
             LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+            DECLARE
+                anonymous boolean := {anonymous};
+                credits bigint := CASE WHEN anonymous THEN {anonymous_credits} ELSE {signup} END;
             BEGIN
-                INSERT INTO public.profiles (id, full_name, credits) VALUES (NEW.id, {full_name}, {credits})
-                ON CONFLICT (id) DO NOTHING;{ledger}
+                INSERT INTO public.profiles (id, full_name, credits, anonymous)
+                VALUES (NEW.id, {full_name}, credits, anonymous)
+                ON CONFLICT (id) DO NOTHING;
+                IF FOUND AND (credits > 0 OR NOT anonymous) THEN
+                    INSERT INTO public.credit_entries (profile_id, amount, balance_after, kind, reference, note)
+                    VALUES (NEW.id, credits, credits,
+                            CASE WHEN anonymous THEN 'anonymous_grant' ELSE 'signup_grant' END, {reference},
+                            CASE WHEN anonymous THEN {anonymous_note} ELSE {note} END);
+                END IF;
                 RETURN NEW;
             END
             $$
-            """  # noqa: S608 - an int and constants, no input
+            """  # noqa: S608 - integers and constants, no input
         )
     )
     await connection.execute(text(f"REVOKE ALL ON FUNCTION public.{SIGNUP_FUNCTION}() FROM PUBLIC"))
@@ -375,5 +390,7 @@ async def install_signup_trigger(connection: AsyncConnection, signup_credits: in
                 f"FOR EACH ROW EXECUTE FUNCTION public.{SIGNUP_FUNCTION}()"
             )
         )
-    grant = " and a signup_grant ledger entry" if ledger else ""
-    return f"new users in auth.users get a profile with {credits} credits{grant}"
+    return (
+        f"new users in auth.users get a profile with {signup} credits and a signup_grant ledger entry "
+        f"({anonymous_credits} for an anonymous sign-in)"
+    )

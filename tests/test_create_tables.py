@@ -336,17 +336,24 @@ async def test_signup_trigger_creates_the_profile_and_the_api_flow_still_works(
         # Supabase's auth.users, in the part that matters here.
         async with engine.begin() as connection:
             await connection.execute(
-                text("CREATE TABLE auth.users (id uuid PRIMARY KEY, email text, raw_user_meta_data jsonb)")
+                text(
+                    "CREATE TABLE auth.users (id uuid PRIMARY KEY, email text, raw_user_meta_data jsonb, "
+                    "is_anonymous boolean NOT NULL DEFAULT false)"
+                )
             )
         second = await run_script(env, tmp_path, "--enable-rls", "--signup-trigger")
         assert second.returncode == 0, second.output
         assert "profile with 250 credits and a signup_grant ledger entry" in second.stdout
 
-        grace, newcomer = uuid.uuid4(), uuid.uuid4()
+        grace, newcomer, visitor = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         async with engine.begin() as connection:
             await connection.execute(
                 text("INSERT INTO auth.users (id, email, raw_user_meta_data) VALUES (:id, 'g@example.com', :meta)"),
-                {"id": grace, "meta": json.dumps({"full_name": " Grace Hopper\n"})},
+                {"id": grace, "meta": json.dumps({"full_name": " Grace\u202e Hopper\n"})},
+            )
+            # An anonymous sign-in: no signup grant (ANONYMOUS_SIGNUP_CREDITS is 0), nothing in the ledger.
+            await connection.execute(
+                text("INSERT INTO auth.users (id, is_anonymous) VALUES (:id, true)"), {"id": visitor}
             )
         async with engine.connect() as connection:
             ledger = (
@@ -356,6 +363,16 @@ async def test_signup_trigger_creates_the_profile_and_the_api_flow_still_works(
                 )
             ).all()
         assert [tuple(row) for row in ledger] == [(250, 250, "signup_grant", "signup")]
+        async with engine.connect() as connection:
+            anonymous = (
+                await connection.execute(
+                    text("SELECT credits, anonymous FROM profiles WHERE id = :id"), {"id": visitor}
+                )
+            ).one()
+            visitor_entries = await connection.scalar(
+                text("SELECT count(*) FROM credit_entries WHERE profile_id = :id"), {"id": visitor}
+            )
+        assert (tuple(anonymous), visitor_entries) == ((0, True), 0)
     finally:
         await engine.dispose()
 
@@ -363,6 +380,9 @@ async def test_signup_trigger_creates_the_profile_and_the_api_flow_still_works(
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            # The anonymous visitor makes their account permanent: the full grant, from the API, once.
+            converted = await http.get("/profile", headers=bearer(token(visitor, is_anonymous=False)))
+            assert (converted.json()["credits"], converted.json()["anonymous"]) == (250, False)
             found = await http.get("/profile", headers=bearer(token(grace)))
             assert found.status_code == 200
             assert (found.json()["full_name"], found.json()["credits"]) == ("Grace Hopper", 250)

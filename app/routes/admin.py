@@ -21,7 +21,7 @@ router = APIRouter(tags=["admin"], route_class=DbRoute)
         "Adds (or, negative, takes) credits with a reason recorded in the ledger; never below what is held (402). "
         "With `Idempotency-Key`, a retry of the same request answers the first entry (another request: 409)."
     ),
-    responses=errors(400, 401, 402, 403, 404, 409, 413, 422, 503),
+    responses=errors(400, 401, 402, 403, 404, 408, 409, 413, 422, 503),
 )
 async def adjust(
     _: ServiceRole, db: Db, user_id: UUID, body: AdjustmentRequest, idempotency_key: IdempotencyKey = None

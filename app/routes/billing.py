@@ -37,7 +37,7 @@ async def plans(settings: SettingsDep) -> PlansOut:
         "the payment. 422 for a price that is not in GET /billing/plans, 502 when Stripe fails, 503 when payments "
         "are not configured."
     ),
-    responses=errors(400, 401, 403, 409, 413, 422, 502, 503),
+    responses=errors(400, 401, 403, 408, 409, 413, 422, 502, 503),
 )
 async def checkout(
     user: CurrentUser, sessions: SessionFactoryDep, settings: SettingsDep, client: StripeDep, body: CheckoutRequest
@@ -74,7 +74,7 @@ async def portal(user: CurrentUser, sessions: SessionFactoryDep, settings: Setti
     ),
     responses={
         400: {"model": ErrorResponse, "description": "Missing or invalid signature, or a stale timestamp"},
-        **errors(413, 503),
+        **errors(408, 413, 503),
     },
 )
 async def webhook(

@@ -29,7 +29,7 @@ router = APIRouter(tags=["credits"], route_class=DbRoute)
         "Atomic: never more than is available (credits not held). 402 (with `balance`, `held`, `available` and "
         "`requested`) when too little is available."
     ),
-    responses=errors(400, 401, 402, 403, 404, 409, 413, 422, 503),
+    responses=errors(400, 401, 402, 403, 404, 408, 409, 413, 422, 429, 503),
 )
 async def spend(
     user: CurrentUser, db: Db, body: SpendRequest, idempotency_key: IdempotencyKey = None
@@ -54,7 +54,7 @@ async def transactions(user: CurrentUser, db: Db, page_query: Annotated[PageQuer
         "402 when too little is available."
     ),
     status_code=status.HTTP_201_CREATED,
-    responses=errors(400, 401, 402, 403, 404, 409, 413, 422, 503),
+    responses=errors(400, 401, 402, 403, 404, 408, 409, 413, 422, 429, 503),
 )
 async def create_hold(
     user: CurrentUser, db: Db, body: HoldRequest, idempotency_key: IdempotencyKey = None
@@ -76,7 +76,7 @@ async def list_holds(user: CurrentUser, db: Db) -> HoldsOut:
         "holding the service-role key settles anyone's. 404 for a hold that is not yours, 409 once it was "
         "captured, released or expired (a retry with the same Idempotency-Key answers the first outcome)."
     ),
-    responses=errors(400, 401, 403, 404, 409, 413, 422, 503),
+    responses=errors(400, 401, 403, 404, 408, 409, 413, 422, 429, 503),
 )
 async def capture_hold(
     caller: UserOrServiceRole,
@@ -94,7 +94,7 @@ async def capture_hold(
     "/credits/holds/{hold_id}/release",
     summary="Give a hold back",
     description="As capture, for a job that failed: nothing is spent.",
-    responses=errors(401, 403, 404, 409, 503),
+    responses=errors(401, 403, 404, 409, 429, 503),
 )
 async def release_hold(
     caller: UserOrServiceRole, db: Db, hold_id: UUID, idempotency_key: IdempotencyKey = None

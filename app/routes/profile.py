@@ -33,7 +33,7 @@ async def get_profile(user: CurrentUser, db: Db, settings: SettingsDep) -> Respo
     status_code=status.HTTP_201_CREATED,
     responses={
         200: {"model": ProfileOut, "description": "The profile already existed"},
-        **errors(400, 401, 403, 413, 422, 503),
+        **errors(400, 401, 403, 408, 413, 422, 503),
     },
     dependencies=[NoProtectedFields],
 )
@@ -55,7 +55,7 @@ async def create_profile(
     "/profile",
     summary="Update your display name",
     description="Only `full_name` can be changed here; credits and billing fields are refused with 403.",
-    responses=errors(400, 401, 403, 404, 413, 422, 503),
+    responses=errors(400, 401, 403, 404, 408, 413, 422, 503),
     dependencies=[NoProtectedFields],
 )
 async def update_profile(user: CurrentUser, session: SessionDep, body: ProfileUpdate) -> ProfileOut:

@@ -20,6 +20,7 @@ from app.schemas import ProfileOut
 # The signup grant's ledger entry, written the same way by the API and by the optional auth.users trigger.
 SIGNUP_REFERENCE = "signup"
 SIGNUP_NOTE = "signup grant"
+ANONYMOUS_NOTE = "anonymous sign-in grant"
 
 # Fields a user can never set themselves: credits move through the ledger, billing through Stripe.
 PROTECTED_FIELDS = frozenset(
@@ -126,7 +127,7 @@ async def get_or_create_profile(
                 balance_after=credits,
                 kind=kind.value,
                 reference=SIGNUP_REFERENCE,
-                note=SIGNUP_NOTE if kind is CreditKind.SIGNUP_GRANT else "anonymous sign-in grant",
+                note=SIGNUP_NOTE if kind is CreditKind.SIGNUP_GRANT else ANONYMOUS_NOTE,
             )
         )
     profile = await read_profile(SessionQueries(session), user, grants.signup)

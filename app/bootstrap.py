@@ -359,8 +359,8 @@ async def install_signup_trigger(connection: AsyncConnection, grants: SignupGran
                 anonymous boolean := {anonymous};
                 credits bigint := CASE WHEN anonymous THEN {anonymous_credits} ELSE {signup} END;
             BEGIN
-                INSERT INTO public.profiles (id, full_name, credits, anonymous)
-                VALUES (NEW.id, {full_name}, credits, anonymous)
+                INSERT INTO public.profiles (id, full_name, credits, signup_pending)
+                VALUES (NEW.id, {full_name}, credits, CASE WHEN anonymous THEN {signup} END)
                 ON CONFLICT (id) DO NOTHING;
                 IF FOUND AND (credits > 0 OR NOT anonymous) THEN
                     INSERT INTO public.credit_entries (profile_id, amount, balance_after, kind, reference, note)

@@ -44,7 +44,10 @@ def resources(request: Request) -> Resources:
     return found
 
 
-def _settings(request: Request) -> Settings:
+# Every dependency here is `async def`, even those that do not await: FastAPI runs a plain `def` in a thread pool.
+
+
+async def _settings(request: Request) -> Settings:
     return resources(request).settings
 
 
@@ -236,20 +239,20 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def _engine(request: Request) -> AsyncEngine:
+async def _engine(request: Request) -> AsyncEngine:
     return resources(request).engine
 
 
-def _sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+async def _sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
     return resources(request).sessions
 
 
-def _optional_stripe(request: Request) -> stripe.StripeClient | None:
+async def _optional_stripe(request: Request) -> stripe.StripeClient | None:
     connection = resources(request).stripe
     return connection.client if connection is not None else None
 
 
-def _stripe(request: Request) -> stripe.StripeClient:
+async def _stripe(request: Request) -> stripe.StripeClient:
     connection = resources(request).stripe
     if connection is None:
         raise StripeNotConfigured

@@ -53,8 +53,9 @@ class Profile(Base):
     # The sum of this profile's active holds (some may be past expiry until next touched); spends and new holds
     # check `credits - held` in the same statement that moves it, so two requests can never reserve the same credits.
     held: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
-    # Signed in anonymously (Supabase's anonymous sign-in): the signup grant waits for a permanent account.
-    anonymous: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    # Signed in anonymously (Supabase's anonymous sign-in): the signup grant waiting for a permanent account,
+    # given once when one is seen. Null: none waiting.
+    signup_pending: Mapped[int | None] = mapped_column(BigInteger)
     stripe_customer_id: Mapped[str | None] = mapped_column(Text, unique=True)
     subscription_id: Mapped[str | None] = mapped_column(Text)
     subscription_status: Mapped[str | None] = mapped_column(Text)

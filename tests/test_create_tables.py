@@ -366,13 +366,13 @@ async def test_signup_trigger_creates_the_profile_and_the_api_flow_still_works(
         async with engine.connect() as connection:
             anonymous = (
                 await connection.execute(
-                    text("SELECT credits, anonymous FROM profiles WHERE id = :id"), {"id": visitor}
+                    text("SELECT credits, signup_pending FROM profiles WHERE id = :id"), {"id": visitor}
                 )
             ).one()
             visitor_entries = await connection.scalar(
                 text("SELECT count(*) FROM credit_entries WHERE profile_id = :id"), {"id": visitor}
             )
-        assert (tuple(anonymous), visitor_entries) == ((0, True), 0)
+        assert (tuple(anonymous), visitor_entries) == ((0, 250), 0)  # the signup grant waits for a real account
     finally:
         await engine.dispose()
 

@@ -18,8 +18,8 @@ router = APIRouter(tags=["profile"], route_class=DbRoute)
     response_model=ProfileOut,
     responses=errors(401, 403, 404, 503),
 )
-async def get_profile(user: CurrentUser, db: Db, settings: SettingsDep) -> Response:
-    profile = await profiles.read_profile(db, user, settings.signup_credits)
+async def get_profile(user: CurrentUser, db: Db) -> Response:
+    profile = await profiles.read_profile(db, user)
     if profile is None:
         raise profiles.ProfileNotFound
     # Serialized here, once: FastAPI would validate the model again and then serialize it (every page reads this).
@@ -65,8 +65,8 @@ async def update_profile(user: CurrentUser, session: SessionDep, body: ProfileUp
 @router.get(
     "/dashboard", summary="Who you are, with your profile, balance and latest entries", responses=errors(401, 403, 503)
 )
-async def dashboard(user: CurrentUser, db: Db, settings: SettingsDep) -> DashboardOut:
-    profile = await profiles.read_profile(db, user, settings.signup_credits)
+async def dashboard(user: CurrentUser, db: Db) -> DashboardOut:
+    profile = await profiles.read_profile(db, user)
     recent = await credits.list_entries(db, user.id, limit=5, before=None) if profile else []
     return DashboardOut(
         user=DashboardUser(id=user.id, email=user.email, role=user.role),

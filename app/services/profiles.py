@@ -61,10 +61,11 @@ def refuse_protected_fields(data: Any) -> None:
             raise ProtectedFields(protected)
 
 
-_COLUMNS = ", ".join(f"p.{name}" for name in ProfileOut.model_fields if name not in {"held", "available"})
+_COMPUTED = {"held", "available", "anonymous"}
+_COLUMNS = ", ".join(f"p.{name}" for name in ProfileOut.model_fields if name not in _COMPUTED)
 # Held: the active holds not yet past their expiry (an expired one stops counting at once, marked or not).
 _READ_SQL = f"""
-SELECT {_COLUMNS}, h.held, p.credits - h.held AS available
+SELECT {_COLUMNS}, h.held, p.credits - h.held AS available, p.signup_pending IS NOT NULL AS anonymous
 FROM profiles p, LATERAL (
     SELECT coalesce(sum(amount), 0)::bigint AS held FROM credit_holds
     WHERE profile_id = p.id AND state = 'active' AND expires_at > now()
@@ -72,23 +73,26 @@ FROM profiles p, LATERAL (
 WHERE p.id = $1
 """  # noqa: S608 - column names from the schema
 _LOCK_SQL = "SELECT credits FROM profiles WHERE id = $1 FOR UPDATE"
-# The signup grant of an anonymous profile whose user now has a permanent account, once.
+# The signup grant an anonymous profile was waiting for, once its user has a permanent account.
 _CONVERT_SQL = """
 WITH converted AS (
-    UPDATE profiles SET anonymous = false, credits = credits + $2 WHERE id = $1 AND anonymous RETURNING id, credits
+    UPDATE profiles p SET credits = p.credits + w.pending, signup_pending = NULL
+    FROM (SELECT signup_pending AS pending FROM profiles WHERE id = $1 FOR UPDATE) w
+    WHERE p.id = $1 AND w.pending IS NOT NULL
+    RETURNING p.id, p.credits, w.pending
 )
 INSERT INTO credit_entries (profile_id, amount, balance_after, kind, reference, note)
-SELECT id, $2, credits, 'signup_grant', $3, $4 FROM converted
+SELECT id, pending, credits, 'signup_grant', $2, $3 FROM converted
 RETURNING id
 """
 
 
-async def read_profile(db: Queries, user: User, signup_credits: int) -> ProfileOut | None:
+async def read_profile(db: Queries, user: User) -> ProfileOut | None:
     """The profile as the API shows it (read on every page of the front end). An anonymous profile whose user now
     signs in with a permanent account gets its signup grant first."""
     row = await db.fetchrow(_READ_SQL, user.id)
     if row is not None and row["anonymous"] and not user.anonymous:
-        await db.fetchval(_CONVERT_SQL, user.id, signup_credits, SIGNUP_REFERENCE, SIGNUP_NOTE)
+        await db.fetchval(_CONVERT_SQL, user.id, SIGNUP_REFERENCE, SIGNUP_NOTE)
         row = await db.fetchrow(_READ_SQL, user.id)
     return ProfileOut.model_validate(dict(row)) if row is not None else None
 
@@ -112,9 +116,10 @@ async def get_or_create_profile(
     for it and then read the row it made.
     """
     credits = grants.anonymous if user.anonymous else grants.signup
+    pending = grants.signup if user.anonymous else None
     created = await session.scalar(
         insert(Profile)
-        .values(id=user.id, full_name=full_name, credits=credits, anonymous=user.anonymous)
+        .values(id=user.id, full_name=full_name, credits=credits, signup_pending=pending)
         .on_conflict_do_nothing(index_elements=[Profile.id])
         .returning(Profile.id)
     )
@@ -130,7 +135,7 @@ async def get_or_create_profile(
                 note=SIGNUP_NOTE if kind is CreditKind.SIGNUP_GRANT else ANONYMOUS_NOTE,
             )
         )
-    profile = await read_profile(SessionQueries(session), user, grants.signup)
+    profile = await read_profile(SessionQueries(session), user)
     if profile is None:  # deleted between the two statements
         raise ProfileNotFound
     return profile, created is not None

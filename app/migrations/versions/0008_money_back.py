@@ -21,7 +21,7 @@ def upgrade() -> None:
     op.drop_constraint(op.f("ck_credit_entries_balance_after_not_negative"), "credit_entries", type_="check")
     op.drop_constraint(op.f("ck_credit_entries_kind_known"), "credit_entries", type_="check")
     op.create_check_constraint(op.f("ck_credit_entries_kind_known"), "credit_entries", f"kind IN ({KINDS})")
-    op.add_column("profiles", sa.Column("anonymous", sa.Boolean(), server_default=sa.text("false"), nullable=False))
+    op.add_column("profiles", sa.Column("signup_pending", sa.BigInteger(), nullable=True))
 
     op.drop_index("uq_credit_entries_spend_key", table_name="credit_entries")
     op.create_index(
@@ -121,7 +121,7 @@ def downgrade() -> None:
     op.drop_column("stripe_events", "profile_id")
     op.drop_index("uq_credit_entries_stripe_object", table_name="credit_entries")
     op.drop_index("uq_credit_entries_keyed", table_name="credit_entries")
-    op.drop_column("profiles", "anonymous")
+    op.drop_column("profiles", "signup_pending")
     op.drop_constraint(op.f("ck_credit_entries_kind_known"), "credit_entries", type_="check")
     op.create_check_constraint(op.f("ck_credit_entries_kind_known"), "credit_entries", f"kind IN ({OLD_KINDS})")
     # Restoring the floors and the old unique indexes fails while negative balances or duplicates exist: by design.

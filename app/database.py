@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 from uuid import uuid4
 
@@ -177,7 +178,18 @@ class StaleConnection(Exception):
     """An idle pooled connection did not answer its ping; asyncpg closed it, and a checkout tries again."""
 
 
-async def open_driver_pool(settings: Settings, url: URL) -> asyncpg.Pool:
+@dataclass(slots=True)
+class HotPool:
+    """asyncpg's pool for the hot paths, with the one deadline a checkout waits within, and how many checkouts
+    hold (or are taking) its connections: a free one is then known without asyncpg's count of its idle
+    connections, which walks them all."""
+
+    pool: asyncpg.Pool
+    max_wait: float
+    taken: int = 0
+
+
+async def open_driver_pool(settings: Settings, url: URL) -> HotPool:
     """asyncpg's pool for the hot paths: up to DB_POOL_SIZE connections, opened on demand (so the app starts
     while the database is still down), closed after DB_POOL_IDLE_LIFETIME unused."""
     url, arguments = connect_arguments(settings, url)
@@ -208,7 +220,7 @@ async def open_driver_pool(settings: Settings, url: URL) -> asyncpg.Pool:
         # transaction before calling this.
         connection.released_at = time.monotonic()
 
-    pool: asyncpg.Pool = await asyncpg.create_pool(
+    pool = await asyncpg.create_pool(
         **{**from_url, **arguments},
         min_size=0,
         max_size=settings.db_pool_size,
@@ -217,17 +229,19 @@ async def open_driver_pool(settings: Settings, url: URL) -> asyncpg.Pool:
         setup=ping_if_idle,
         reset=mark_released,
     )
-    return pool
+    return HotPool(pool, settings.db_pool_timeout)
 
 
-async def checkout(pool: asyncpg.Pool, max_wait: float) -> asyncpg.Connection:
+async def checkout(hot: HotPool) -> asyncpg.Connection:
     """A connection from the pool within one deadline for waiting, connecting and pinging; else 503.
 
-    With a connection idle in the pool nothing waits, and its one ping or reconnect has its own timeout within
-    the deadline: the deadline's timer is only armed when that fails or every connection is taken."""
-    deadline = asyncio.get_running_loop().time() + max_wait
+    While a connection is free nothing waits, and its one ping or reconnect has its own timeout within the
+    deadline: the deadline's timer is only armed when that fails or every connection is taken."""
+    pool = hot.pool
+    deadline = asyncio.get_running_loop().time() + hot.max_wait
+    hot.taken += 1
     try:
-        if pool.get_idle_size():
+        if hot.taken <= pool.get_max_size():
             try:
                 return await pool.acquire()
             except StaleConnection:
@@ -238,14 +252,26 @@ async def checkout(pool: asyncpg.Pool, max_wait: float) -> asyncpg.Connection:
                     return await pool.acquire()
                 except StaleConnection:
                     continue
-    except Exception as exc:
+    except BaseException as exc:
+        hot.taken -= 1
+        if not isinstance(exc, Exception):
+            raise
         # The deadline passed with every connection open and in use: busy (while connecting: unreachable).
         if isinstance(exc, TimeoutError) and pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():
-            logger.warning("database busy: all %d pooled connections stayed in use for %gs", pool.get_size(), max_wait)
+            logger.warning(
+                "database busy: all %d pooled connections stayed in use for %gs", pool.get_size(), hot.max_wait
+            )
             raise DatabaseBusy from exc
         if is_connection_failure(exc) or isinstance(exc, asyncpg.InterfaceError):  # incl. "pool is closing"
             raise DatabaseUnavailable from exc
         raise
+
+
+async def release(hot: HotPool, connection: asyncpg.Connection) -> None:
+    try:
+        await hot.pool.release(connection)
+    finally:
+        hot.taken -= 1
 
 
 # Answers we chose (402, 404, 422...) and errors PostgreSQL reported: the connection is still in a known state
@@ -254,11 +280,11 @@ _CLEAN_FAILURES = (AppError, HTTPException, RequestValidationError, asyncpg.Post
 
 
 @asynccontextmanager
-async def driver_transaction(pool: asyncpg.Pool, max_wait: float, *, read_only: bool) -> AsyncIterator[Any]:
+async def driver_transaction(hot: HotPool, *, read_only: bool) -> AsyncIterator[Any]:
     """The request's driver connection, with the session's contract: one transaction, committed when the route
     returns (before the response is sent) and rolled back on any error. Reads run without one (two round trips
     fewer). A request that failed any other way (mid-protocol, cancelled) never returns its connection."""
-    connection = await checkout(pool, max_wait)
+    connection = await checkout(hot)
     reusable = False
     try:
         if read_only:
@@ -279,7 +305,7 @@ async def driver_transaction(pool: asyncpg.Pool, max_wait: float, *, read_only: 
     finally:
         if not reusable and _still_open(connection):
             connection.terminate()
-        await pool.release(connection)
+        await release(hot, connection)
 
 
 def _still_open(connection: asyncpg.Connection) -> bool:
@@ -289,14 +315,14 @@ def _still_open(connection: asyncpg.Connection) -> bool:
         return False
 
 
-async def close_driver_pool(pool: asyncpg.Pool, grace: float) -> None:
+async def close_driver_pool(hot: HotPool, grace: float) -> None:
     """Wait up to `grace` seconds for checkouts in flight to come back, then close every connection; a
     checkout arriving meanwhile gets a 503."""
     try:
-        await asyncio.wait_for(pool.close(), grace)
+        await asyncio.wait_for(hot.pool.close(), grace)
     except TimeoutError:
         logger.warning("database connections still in use after %gs at shutdown: closed", grace)
-        pool.terminate()
+        hot.pool.terminate()
 
 
 # --- Migrations ------------------------------------------------------------------------------------

@@ -3,22 +3,23 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
 
 import asyncpg
 import stripe
-from fastapi import Depends, Header, Request, Response
+from fastapi import Depends, Header, Request
 from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.auth import Principal, ServiceCaller, TokenVerifier, User
 from app.config import Settings
-from app.database import driver_transaction, session_transaction
+from app.database import HotPool, driver_transaction, session_transaction
 from app.errors import AppError, Unauthorized
 from app.services.billing.stripe_api import WEBHOOKS_NOT_CONFIGURED, StripeConnection, StripeNotConfigured
 from app.services.billing.webhook import verify_event
@@ -32,7 +33,7 @@ class Resources:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    driver_pool: asyncpg.Pool
+    driver_pool: HotPool
     verifier: TokenVerifier
     # None without STRIPE_SECRET_KEY: checkout and the portal then answer 503.
     stripe: StripeConnection | None
@@ -135,9 +136,6 @@ async def _verified_event(
 _READS = frozenset({"GET", "HEAD"})
 
 
-_LEASE = "picads.driver_lease"
-
-
 class TooManyWrites(AppError):
     status_code = 429
     default_detail = "too many of your requests are changing your balance at once: try again in a moment"
@@ -166,72 +164,55 @@ class UserWrites:
             self.running[user_id] = count
 
 
-@dataclass(slots=True)
-class _Lease:
-    """A request's driver connection (its transaction) and its user's write slot, until the request ends."""
-
-    transaction: AbstractAsyncContextManager[Any]
-    writes: UserWrites | None
-    user_id: UUID | None
-
-    async def end(self, exc: BaseException | None) -> None:
-        try:
-            await self.transaction.__aexit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
-        finally:
-            if self.writes is not None and self.user_id is not None:
-                self.writes.leave(self.user_id)
-
-
 class DbRoute(APIRoute):
-    """A route whose `Db` connection is committed (or rolled back) and handed back to the pool when the endpoint
-    has returned, before the response is sent: the contract of a `yield` dependency with scope="function",
-    without FastAPI's machinery for one, which on the hot paths costs more than the query (docs/benchmarks.md)."""
+    """A route whose endpoint takes `db: Db`. Once FastAPI has resolved everything else (the caller checked, the
+    body valid), the route opens the request's transaction on a connection from the hot paths' pool, hands it to
+    the endpoint, and commits (or rolls back) and gives the connection back when the endpoint returns, before
+    the response is sent: the contract of a `yield` dependency with scope="function", without FastAPI's
+    per-request machinery for dependencies, which on these paths costs more than the query (docs/benchmarks.md)."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, _with_connection(endpoint), **kwargs)
 
-        async def in_transaction(request: Request) -> Response:
-            request.scope[_LEASE] = None
-            try:
-                response = await handler(request)
-            except BaseException as exc:
-                lease = request.scope[_LEASE]
-                if lease is not None:
-                    await lease.end(exc)
-                raise
-            lease = request.scope[_LEASE]
-            if lease is not None:
-                await lease.end(None)
-            return response
 
-        return in_transaction
+def _with_connection(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(endpoint, eval_str=True)
+    if "db" not in signature.parameters:
+        return endpoint
+
+    @functools.wraps(endpoint)
+    async def with_connection(_db_request: Request, **values: Any) -> Any:
+        found = resources(_db_request)
+        read_only = _db_request.method in _READS
+        # A user's balance-changing request takes one of their slots first (GETs and the service role take none).
+        user_id: UUID | None = None if read_only else getattr(_db_request.state, "user_id", None)
+        if user_id is not None:
+            found.user_writes.enter(user_id)
+        try:
+            async with driver_transaction(found.driver_pool, read_only=read_only) as db:
+                return await endpoint(db=db, **values)
+        finally:
+            if user_id is not None:
+                found.user_writes.leave(user_id)
+
+    # What FastAPI reads: the endpoint's own parameters, but `db`, and the request the connection is opened for.
+    parameters = [parameter for name, parameter in signature.parameters.items() if name != "db"]
+    request = inspect.Parameter("_db_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+    with_connection.__signature__ = signature.replace(parameters=[*parameters, request])  # type: ignore[attr-defined]
+    return with_connection
+
+
+async def _outside_a_db_route(request: Request) -> Any:
+    raise RuntimeError("Db is given to the endpoints of DbRoute routes only")
 
 
 def check_db_routes(routes: list[Any]) -> None:
-    """At start-up: a route taking `Db` outside a DbRoute would never give its connection back."""
+    """At start-up: a route taking `Db` outside a DbRoute would have no connection."""
     for route in routes:
         if not isinstance(route, APIRoute) or isinstance(route, DbRoute):
             continue
-        if any(dependency.call is _driver_connection for dependency in route.dependant.dependencies):
+        if any(dependency.call is _outside_a_db_route for dependency in route.dependant.dependencies):
             raise RuntimeError(f"{route.path} takes Db: its router needs APIRouter(route_class=DbRoute)")
-
-
-async def _driver_connection(request: Request) -> Any:
-    found = resources(request)
-    read_only = request.method in _READS
-    # A user's balance-changing request takes one of their slots first (GETs and the service role take none).
-    user_id: UUID | None = None if read_only else getattr(request.state, "user_id", None)
-    if user_id is not None:
-        found.user_writes.enter(user_id)
-    transaction = driver_transaction(found.driver_pool, found.settings.db_pool_timeout, read_only=read_only)
-    try:
-        connection = await transaction.__aenter__()
-    except BaseException:
-        if user_id is not None:
-            found.user_writes.leave(user_id)
-        raise
-    request.scope[_LEASE] = _Lease(transaction, found.user_writes, user_id)
-    return connection
 
 
 async def _session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -264,9 +245,9 @@ CurrentUser = Annotated[User, Depends(require_user)]
 ServiceRole = Annotated[ServiceCaller, Depends(require_service_role)]
 UserOrServiceRole = Annotated[Principal, Depends(require_user_or_service_role)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
-# The hot paths' connection (asyncpg's pool, plain SQL). scope="function": the transaction commits before
-# the response goes out, so a failed commit is never answered with 2xx.
-Db = Annotated[asyncpg.Connection, Depends(_driver_connection)]
+# The hot paths' connection (asyncpg's pool, plain SQL), in the request's one transaction: committed before the
+# response goes out, so a failed commit is never answered with 2xx. Given by DbRoute routes (see there).
+Db = Annotated[asyncpg.Connection, Depends(_outside_a_db_route)]
 # An ORM session in the request's one transaction, under the same contract.
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
 # For the rare request that must not hold one transaction throughout (one that waits on Stripe).

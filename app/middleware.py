@@ -1,5 +1,5 @@
-"""The one ASGI middleware around every request: a request id and one log line, security headers, a body
-size limit and deadline, and CORS for browser requests.
+"""The one ASGI middleware around every request: a request id (on every log line written meanwhile) and one log
+line, security headers, a body size limit and deadline, and CORS for browser requests.
 
 One plain ASGI layer (not several, and not BaseHTTPMiddleware): each layer costs a call and a `send`
 wrapper per request, and this runs on every request the front end makes.
@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.logs import REQUEST_ID
 
 logger = logging.getLogger("app.requests")
 
@@ -98,6 +100,7 @@ class ApiMiddleware:
             elif name == b"content-length":
                 length = value
         request_id = offered if offered and _VALID_REQUEST_ID.match(offered) else os.urandom(16).hex()
+        REQUEST_ID.set(request_id)  # this request's task's own: see app/logs.py
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         path: str = scope["path"]

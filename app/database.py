@@ -19,11 +19,12 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
 from app.config import Settings, split_sslmode
 from app.embedded import start_embedded_postgres
 from app.errors import AppError, DatabaseBusy, DatabaseUnavailable, StartupError, is_connection_failure
+from app.metrics import observe_pool_wait
 from app.schema import alembic_config, includes, read_schema_state
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def create_engine(settings: Settings, url: URL) -> AsyncEngine:
         arguments["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
     engine = create_async_engine(
         url,
+        poolclass=SessionPool,
         pool_size=settings.db_session_pool_size,
         max_overflow=0,
         pool_timeout=settings.db_pool_timeout,
@@ -77,6 +79,19 @@ def create_engine(settings: Settings, url: URL) -> AsyncEngine:
     )
     _ping_idle_connections(engine)
     return engine
+
+
+class SessionPool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's pool for asyncio, timing the checkouts that find every connection in use (for the metrics)."""
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        if self.checkedin() or self.checkedout() < self.size():  # no overflow: its size is its most
+            return super()._do_get()
+        started = time.monotonic()
+        try:
+            return super()._do_get()
+        finally:
+            observe_pool_wait("sqlalchemy", time.monotonic() - started)
 
 
 def _ping_idle_connections(engine: AsyncEngine) -> None:
@@ -225,19 +240,26 @@ async def checkout(pool: asyncpg.Pool, max_wait: float) -> asyncpg.Connection:
 
     With a connection idle in the pool nothing waits, and its one ping or reconnect has its own timeout within
     the deadline: the deadline's timer is only armed when that fails or every connection is taken."""
-    deadline = asyncio.get_running_loop().time() + max_wait
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_wait
     try:
         if pool.get_idle_size():
             try:
                 return await pool.acquire()
             except StaleConnection:
                 pass  # its slot is free again: wait for another within what is left of the deadline
-        async with asyncio.timeout_at(deadline):
-            while True:
-                try:
-                    return await pool.acquire()
-                except StaleConnection:
-                    continue
+        # Every connection open and in use: this checkout waits for one (timed, for the metrics).
+        waiting_since = loop.time() if pool.get_size() >= pool.get_max_size() else None
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    try:
+                        return await pool.acquire()
+                    except StaleConnection:
+                        continue
+        finally:
+            if waiting_since is not None:
+                observe_pool_wait("asyncpg", loop.time() - waiting_since)
     except Exception as exc:
         # The deadline passed with every connection open and in use: busy (while connecting: unreachable).
         if isinstance(exc, TimeoutError) and pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():

@@ -14,6 +14,7 @@ from app.auth import User
 from app.config import SignupGrants
 from app.database import Queries, SessionQueries
 from app.errors import AppError
+from app.metrics import count_credits
 from app.models import CreditEntry, CreditKind, Profile
 from app.schemas import ProfileOut
 
@@ -88,7 +89,8 @@ async def read_profile(db: Queries, user: User, signup_credits: int) -> ProfileO
     signs in with a permanent account gets its signup grant first."""
     row = await db.fetchrow(_READ_SQL, user.id)
     if row is not None and row["anonymous"] and not user.anonymous:
-        await db.fetchval(_CONVERT_SQL, user.id, signup_credits, SIGNUP_REFERENCE, SIGNUP_NOTE)
+        if await db.fetchval(_CONVERT_SQL, user.id, signup_credits, SIGNUP_REFERENCE, SIGNUP_NOTE) is not None:
+            count_credits(CreditKind.SIGNUP_GRANT.value, signup_credits)
         row = await db.fetchrow(_READ_SQL, user.id)
     return ProfileOut.model_validate(dict(row)) if row is not None else None
 
@@ -130,6 +132,7 @@ async def get_or_create_profile(
                 note=SIGNUP_NOTE if kind is CreditKind.SIGNUP_GRANT else ANONYMOUS_NOTE,
             )
         )
+        count_credits(kind.value, credits)
     profile = await read_profile(SessionQueries(session), user, grants.signup)
     if profile is None:  # deleted between the two statements
         raise ProfileNotFound

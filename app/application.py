@@ -27,6 +27,7 @@ from app.database import (
 )
 from app.deps import Resources, UserWrites, check_db_routes
 from app.docs import DOCS_PATHS, document_bearer_auth, serve_docs
+from app.error_reports import start_error_reports
 from app.errors import StartupError, install_error_handlers
 from app.middleware import ApiMiddleware
 from app.routes import admin, billing, credits, operations, profile, public
@@ -109,6 +110,8 @@ def _log_start(settings: Settings, url: URL) -> None:
     )
     if settings.metrics_on_api_port:
         logger.info("metrics: GET /metrics, %s", "with METRICS_TOKEN" if settings.metrics_token else "open (no token)")
+    if settings.sentry_dsn:
+        logger.info("error reports: Sentry, environment %s", settings.sentry_environment or settings.environment)
     if uses_development_secret(settings):
         logger.info("tokens: development secret; get one with `poetry run dev-token` (or `python -m app.devtoken`)")
 
@@ -129,6 +132,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
+    # Before the middleware is added: sentry-sdk instruments what is added after it.
+    start_error_reports(settings)
     request_metrics = None
     if settings.metrics_enabled:
         metrics.enable()

@@ -73,10 +73,11 @@ FROM profiles p, LATERAL (
 WHERE p.id = $1
 """  # noqa: S608 - column names from the schema
 _LOCK_SQL = "SELECT credits FROM profiles WHERE id = $1 FOR UPDATE"
-# The signup grant of an anonymous profile whose user now has a permanent account, once.
+# The signup grant of an anonymous profile whose user now has a permanent account, once (with its email, if any).
 _CONVERT_SQL = """
 WITH converted AS (
-    UPDATE profiles SET anonymous = false, credits = credits + $2 WHERE id = $1 AND anonymous RETURNING id, credits
+    UPDATE profiles SET anonymous = false, credits = credits + $2, email = coalesce($5, email)
+    WHERE id = $1 AND anonymous RETURNING id, credits
 )
 INSERT INTO credit_entries (profile_id, amount, balance_after, kind, reference, note)
 SELECT id, $2, credits, 'signup_grant', $3, $4 FROM converted
@@ -89,10 +90,18 @@ async def read_profile(db: Queries, user: User, signup_credits: int) -> ProfileO
     signs in with a permanent account gets its signup grant first."""
     row = await db.fetchrow(_READ_SQL, user.id)
     if row is not None and row["anonymous"] and not user.anonymous:
-        if await db.fetchval(_CONVERT_SQL, user.id, signup_credits, SIGNUP_REFERENCE, SIGNUP_NOTE) is not None:
+        converted = await db.fetchval(
+            _CONVERT_SQL, user.id, signup_credits, SIGNUP_REFERENCE, SIGNUP_NOTE, _email(user)
+        )
+        if converted is not None:
             count_credits(CreditKind.SIGNUP_GRANT.value, signup_credits)
         row = await db.fetchrow(_READ_SQL, user.id)
     return ProfileOut.model_validate(dict(row)) if row is not None else None
+
+
+def _email(user: User) -> str | None:
+    """The token's email as stored for support's lookups: in lower case, as Supabase keeps it."""
+    return user.email.lower() if user.email else None
 
 
 async def lock_profile(db: Queries, user_id: UUID) -> int:
@@ -114,12 +123,17 @@ async def get_or_create_profile(
     for it and then read the row it made.
     """
     credits = grants.anonymous if user.anonymous else grants.signup
+    email = _email(user)
     created = await session.scalar(
         insert(Profile)
-        .values(id=user.id, full_name=full_name, credits=credits, anonymous=user.anonymous)
+        .values(id=user.id, full_name=full_name, credits=credits, anonymous=user.anonymous, email=email)
         .on_conflict_do_nothing(index_elements=[Profile.id])
         .returning(Profile.id)
     )
+    if created is None and email is not None:  # made by the signup trigger, or before emails were kept
+        await session.execute(
+            update(Profile).where(Profile.id == user.id, Profile.email.is_distinct_from(email)).values(email=email)
+        )
     if created is not None and (credits or not user.anonymous):
         kind = CreditKind.ANONYMOUS_GRANT if user.anonymous else CreditKind.SIGNUP_GRANT
         await session.execute(
@@ -137,6 +151,12 @@ async def get_or_create_profile(
     if profile is None:  # deleted between the two statements
         raise ProfileNotFound
     return profile, created is not None
+
+
+async def profile_by_id(db: Queries, user_id: UUID) -> ProfileOut | None:
+    """Any user's profile as the API shows it (for support)."""
+    row = await db.fetchrow(_READ_SQL, user_id)
+    return ProfileOut.model_validate(dict(row)) if row is not None else None
 
 
 async def update_full_name(session: AsyncSession, user_id: UUID, full_name: str | None) -> ProfileOut:

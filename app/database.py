@@ -76,6 +76,9 @@ def create_engine(settings: Settings, url: URL) -> AsyncEngine:
         max_overflow=0,
         pool_timeout=settings.db_pool_timeout,
         connect_args=arguments,
+        # A failed statement's error names the statement, not what was in it (names, reasons, emails): error
+        # reports and tracebacks in the log carry no user data.
+        hide_parameters=True,
     )
     _ping_idle_connections(engine)
     return engine
@@ -92,6 +95,10 @@ class SessionPool(AsyncAdaptedQueuePool):
             return super()._do_get()
         finally:
             observe_pool_wait("sqlalchemy", time.monotonic() - started)
+
+
+# Its log is SQLAlchemy's pool log under another name: quiet unless asked for, as SQLAlchemy keeps its own.
+logging.getLogger(f"{SessionPool.__module__}.{SessionPool.__name__}").setLevel(logging.WARNING)
 
 
 def _ping_idle_connections(engine: AsyncEngine) -> None:

@@ -140,7 +140,7 @@ def start_error_reports(settings: Settings) -> bool:
         ],
         # Only what is listed: no instrumentation of the database driver or HTTP clients on every call.
         auto_enabling_integrations=False,
-        send_default_pii=False,
+        # Sentry's default leaves out personal data (cookies, client addresses, users); nor local variables here.
         include_local_variables=False,
         max_request_body_size="never",
         event_scrubber=EventScrubber(denylist=sorted(SECRET_NAMES), recursive=True),

@@ -131,18 +131,19 @@ class RequestMetrics:
     __slots__ = ("children", "in_flight")
 
     def __init__(self) -> None:
-        self.children: dict[tuple[Any, str, int], Any] = {}
+        # By the route's id (routes live as long as the app, and cannot be hashed), method and status.
+        self.children: dict[tuple[int, str, int], Any] = {}
         self.in_flight = 0
 
     def observe(self, scope: Scope, status: int, seconds: float) -> None:
         route, method = scope.get("route"), scope["method"]
-        child = self.children.get((route, method, status))
+        child = self.children.get((id(route), method, status))
         if child is None:
             known = method in METHODS
             path = getattr(route, "path", None) or "none"  # no route answered: a 404, or refused before routing
             child = REQUEST_SECONDS.labels(method if known else "other", path, status)
             if known:  # a client's made-up methods are not remembered one by one
-                self.children[(route, method, status)] = child
+                self.children[(id(route), method, status)] = child
         child.observe(seconds)
 
 

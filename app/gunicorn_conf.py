@@ -52,9 +52,12 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def when_ready(server: Any) -> None:
     if _settings.metrics_enabled and _settings.metrics_port is not None:
-        from app.metrics import serve_port
+        from app.metrics import MetricsPortUnavailable, serve_port
 
-        serve_port(_settings.metrics_port, _settings.metrics_host)
+        try:
+            serve_port(_settings.metrics_port, _settings.metrics_host)
+        except MetricsPortUnavailable as exc:
+            raise SystemExit(str(exc)) from None  # one line, no traceback
         server.log.info("metrics: http://%s:%d/metrics", _settings.metrics_host, _settings.metrics_port)
 
 

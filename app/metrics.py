@@ -208,16 +208,16 @@ def under_gunicorn() -> bool:
     return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/")
 
 
+class MetricsPortUnavailable(StartupError):
+    """The metrics' own port cannot be listened on (taken, or an address this machine does not have)."""
+
+
 def serve_port(port: int, host: str) -> tuple[Any, Any]:
     """METRICS_PORT's listener (prometheus-client's own server, in a thread): the server and its thread."""
     try:
         return start_http_server(port, host, registry=exposed_registry())
     except OSError as exc:
         raise MetricsPortUnavailable(f"METRICS_PORT {port} on {host}: {exc.strerror or exc}") from None
-
-
-class MetricsPortUnavailable(StartupError):
-    """The metrics' own port cannot be listened on (taken, or an address this machine does not have)."""
 
 
 @contextlib.asynccontextmanager

@@ -42,5 +42,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 # Migrate (never drops) and apply RLS, then become gunicorn (PID 1, so it gets SIGTERM and stops gracefully).
 # Workers: gunicorn reads WEB_CONCURRENCY itself. Nothing is written outside /dev/shm (a tmpfs in every
 # container), so `docker run --read-only` works: no control socket (it would live in the home folder), and the
-# workers' heartbeat files in /dev/shm instead of /tmp.
-CMD ["sh", "-c", "python create_tables.py --enable-rls --wait 30 && exec gunicorn main:app --worker-class uvicorn_worker.UvicornWorker --bind 0.0.0.0:${PORT:-8000} --no-control-socket --worker-tmp-dir /dev/shm"]
+# workers' heartbeat files in /dev/shm instead of /tmp, and so are the metrics' files (app/gunicorn_conf.py).
+CMD ["sh", "-c", "python create_tables.py --enable-rls --wait 30 && exec gunicorn main:app --config python:app.gunicorn_conf --worker-class uvicorn_worker.UvicornWorker --bind 0.0.0.0:${PORT:-8000} --no-control-socket --worker-tmp-dir /dev/shm"]

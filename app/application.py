@@ -14,6 +14,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Message, Receive, Scope, Send
 
+from app import metrics
 from app.auth import TokenVerifier, uses_development_secret
 from app.config import Settings, describe, load_settings
 from app.database import (
@@ -26,9 +27,10 @@ from app.database import (
 )
 from app.deps import Resources, UserWrites, check_db_routes
 from app.docs import DOCS_PATHS, document_bearer_auth, serve_docs
+from app.error_reports import start_error_reports
 from app.errors import StartupError, install_error_handlers
 from app.middleware import ApiMiddleware
-from app.routes import admin, billing, credits, profile, public
+from app.routes import admin, billing, credits, operations, profile, public
 from app.schema import MIGRATE_UP_TO_VARIABLE, refuse_a_mismatched_schema, schema_state
 from app.services.billing.stripe_api import connect_stripe
 
@@ -67,6 +69,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # Development applies migrations itself (under `poetry run dev`, those that existed when it started).
             await migrate(engine, os.environ.get(MIGRATE_UP_TO_VARIABLE, "head"))
             await _warn_of_unapplied_migrations(engine)
+        if settings.metrics_enabled:
+            requests = app.state.request_metrics
+            port, host = settings.metrics_port, settings.metrics_host
+            await cleanup.enter_async_context(metrics.recording(requests, driver_pool.pool, engine, port, host))
         app.state.resources = Resources(
             settings=settings,
             engine=engine,
@@ -102,6 +108,10 @@ def _log_start(settings: Settings, url: URL) -> None:
         settings.db_pool_size,
         settings.db_session_pool_size,
     )
+    if settings.metrics_on_api_port:
+        logger.info("metrics: GET /metrics, %s", "with METRICS_TOKEN" if settings.metrics_token else "open (no token)")
+    if settings.sentry_dsn:
+        logger.info("error reports: Sentry, environment %s", settings.sentry_environment or settings.environment)
     if uses_development_secret(settings):
         logger.info("tokens: development secret; get one with `poetry run dev-token` (or `python -m app.devtoken`)")
 
@@ -122,6 +132,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
+    # Before the middleware is added: sentry-sdk instruments what is added after it.
+    start_error_reports(settings)
+    request_metrics = None
+    if settings.metrics_enabled:
+        metrics.enable()
+        request_metrics = app.state.request_metrics = metrics.RequestMetrics()
     app.add_middleware(
         ApiMiddleware,
         allowed_origins=settings.allowed_origins,
@@ -130,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_timeout=settings.body_timeout,
         hsts=settings.is_production,
         docs_paths=DOCS_PATHS,
+        metrics=request_metrics,
     )
     # The hot paths first: routes are tried in order.
     routers = (
@@ -139,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         billing.router,
         billing.webhook_router,
         public.router,
+        *((operations.router,) if settings.metrics_on_api_port else ()),
     )
     for router in routers:
         # The routes themselves, not `include_router`: none of ours has a prefix or shared dependencies, and

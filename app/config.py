@@ -21,8 +21,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
+
+from app.config_operations import OperationsSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORS_ORIGINS = ("http://localhost:5173", "http://localhost:5174")
@@ -68,7 +70,7 @@ def _price_id(value: str) -> str:
 PriceList = dict[Annotated[str, AfterValidator(_price_id)], CatalogueItem]
 
 
-class Settings(BaseSettings):
+class Settings(OperationsSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     environment: Literal["development", "test", "production"] = "development"
@@ -118,9 +120,7 @@ class Settings(BaseSettings):
     # What a Supabase anonymous sign-in starts with; the full signup grant follows, once, with a permanent account.
     anonymous_signup_credits: int = Field(0, ge=0, le=1_000_000)
 
-    # Operations
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Operations (logs, metrics and error reports: OperationsSettings)
     # Larger request bodies get 413 before they are read whole (Stripe's webhook has its own limit, 256 KiB).
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     # Seconds a client has to send a request's whole body (408 after it): a slow one holds a connection no longer.
@@ -141,11 +141,6 @@ class Settings(BaseSettings):
     subscription_plans: Annotated[PriceList, NoDecode] = Field(default_factory=dict)
     # Embedded PostgreSQL data and the generated development secret live here (git-ignored).
     data_dir: Path = PROJECT_ROOT / ".picads"
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_level(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -250,6 +245,7 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "STRIPE_SECRET_KEY is set but FRONTEND_URL is not: Checkout needs it to send users back"
                 )
+        self.check_operations(production=self.is_production, api_port=self.port)
         return self
 
     @property

@@ -20,11 +20,12 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
 from app.config import Settings, split_sslmode
 from app.embedded import start_embedded_postgres
 from app.errors import AppError, DatabaseBusy, DatabaseUnavailable, StartupError, is_connection_failure
+from app.metrics import observe_pool_wait
 from app.schema import alembic_config, includes, read_schema_state
 
 logger = logging.getLogger(__name__)
@@ -71,13 +72,34 @@ def create_engine(settings: Settings, url: URL) -> AsyncEngine:
         arguments["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
     engine = create_async_engine(
         url,
+        poolclass=SessionPool,
         pool_size=settings.db_session_pool_size,
         max_overflow=0,
         pool_timeout=settings.db_pool_timeout,
         connect_args=arguments,
+        # A failed statement's error names the statement, not what was in it (names, reasons, emails): error
+        # reports and tracebacks in the log carry no user data.
+        hide_parameters=True,
     )
     _ping_idle_connections(engine)
     return engine
+
+
+class SessionPool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's pool for asyncio, timing the checkouts that find every connection in use (for the metrics)."""
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        if self.checkedin() or self.checkedout() < self.size():  # no overflow: its size is its most
+            return super()._do_get()
+        started = time.monotonic()
+        try:
+            return super()._do_get()
+        finally:
+            observe_pool_wait("sqlalchemy", time.monotonic() - started)
+
+
+# Its log is SQLAlchemy's pool log under another name: quiet unless asked for, as SQLAlchemy keeps its own.
+logging.getLogger(f"{SessionPool.__module__}.{SessionPool.__name__}").setLevel(logging.WARNING)
 
 
 def _ping_idle_connections(engine: AsyncEngine) -> None:
@@ -238,7 +260,8 @@ async def checkout(hot: HotPool) -> asyncpg.Connection:
     While a connection is free nothing waits, and its one ping or reconnect has its own timeout within the
     deadline: the deadline's timer is only armed when that fails or every connection is taken."""
     pool = hot.pool
-    deadline = asyncio.get_running_loop().time() + hot.max_wait
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + hot.max_wait
     hot.taken += 1
     try:
         if hot.taken <= pool.get_max_size():
@@ -246,12 +269,18 @@ async def checkout(hot: HotPool) -> asyncpg.Connection:
                 return await pool.acquire()
             except StaleConnection:
                 pass  # its slot is free again: wait for another within what is left of the deadline
-        async with asyncio.timeout_at(deadline):
-            while True:
-                try:
-                    return await pool.acquire()
-                except StaleConnection:
-                    continue
+        # Every connection taken: this checkout waits for one (timed, for the metrics).
+        waiting_since = loop.time() if hot.taken > pool.get_max_size() else None
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    try:
+                        return await pool.acquire()
+                    except StaleConnection:
+                        continue
+        finally:
+            if waiting_since is not None:
+                observe_pool_wait("asyncpg", loop.time() - waiting_since)
     except BaseException as exc:
         hot.taken -= 1
         if not isinstance(exc, Exception):

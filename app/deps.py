@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import inspect
 import json
 from collections.abc import AsyncIterator, Callable
@@ -106,6 +107,19 @@ async def require_service_role(request: Request) -> ServiceCaller:
     if not isinstance(principal, ServiceCaller):
         raise WrongCaller("this endpoint needs the service role")
     return principal
+
+
+async def _metrics_reader(request: Request) -> None:
+    """GET /metrics: a bearer equal to METRICS_TOKEN, when one is set (the route exists without one only outside
+    production, with no METRICS_PORT)."""
+    expected = resources(request).settings.metrics_token
+    if expected is None:
+        return
+    token = _bearer_token(request)
+    if token is None:
+        raise Unauthorized("missing bearer token: send METRICS_TOKEN")
+    if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized("wrong metrics token")
 
 
 # --- What a request carries ---------------------------------------------------------------------------------
@@ -269,3 +283,4 @@ IdempotencyKey = Annotated[
 # A Stripe event whose signature was checked on the raw body.
 VerifiedEvent = Annotated[dict[str, Any], Depends(_verified_event)]
 NoProtectedFields = Depends(_refuse_protected_fields)
+MetricsReader = Depends(_metrics_reader)

@@ -1,5 +1,8 @@
 """Logging set-up: readable text by default, one JSON object per line with LOG_FORMAT=json.
 
+Every line written while a request is served carries its request id (`request_id`, the X-Request-ID the response
+has): the middleware sets REQUEST_ID for the request, and a filter on the handler copies it onto each record.
+
 Logged values come from clients too (a request's path): in both formats control characters (C0, DEL, C1) and the
 Unicode line and paragraph separators are written as escapes (`\\x0a`), so no value can start a line of its own,
 forge a record, or put a NUL or a terminal escape into the log.
@@ -11,6 +14,7 @@ import json
 import logging
 import re
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +22,20 @@ from typing import Any
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# The id of the request being served. Each request runs in a task of its own (the server's), whose context ends
+# with it: the id stays set until then, so the server's own lines about the request (a traceback) carry it too.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on each record (unless the record names one itself); none outside requests."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "request_id" not in record.__dict__:
+            request_id = REQUEST_ID.get()
+            if request_id is not None:
+                record.request_id = request_id
+        return True
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -42,7 +60,9 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return escape_controls(super().formatMessage(record))
+        line = super().formatMessage(record)
+        request_id = record.__dict__.get("request_id")
+        return escape_controls(f"{line} request_id={request_id}" if request_id else line)
 
     def formatException(self, ei: Any) -> str:
         return "\n".join(f"    {line}" for line in _escape_lines(super().formatException(ei)))
@@ -82,6 +102,7 @@ def configure_logging(log_format: str, level: str) -> None:
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,5 +1,6 @@
-"""The one ASGI middleware around every request: a request id and one log line, security headers, a body
-size limit and deadline, and CORS for browser requests.
+"""The one ASGI middleware around every request: a request id (on every log line written meanwhile) and one log
+line, the request's metrics when they are on, security headers, a body size limit and deadline, and CORS for
+browser requests.
 
 One plain ASGI layer (not several, and not BaseHTTPMiddleware): each layer costs a call and a `send`
 wrapper per request, and this runs on every request the front end makes.
@@ -19,6 +20,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.logs import REQUEST_ID
+from app.metrics import RequestMetrics
 
 logger = logging.getLogger("app.requests")
 
@@ -64,8 +68,10 @@ class ApiMiddleware:
         body_timeout: float,
         hsts: bool,
         docs_paths: Iterable[str],
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self.app = app
+        self.metrics = metrics
         # CORS matters only to browsers, which always send Origin: other callers skip that layer.
         self.cors = CORSMiddleware(
             app,
@@ -98,8 +104,12 @@ class ApiMiddleware:
             elif name == b"content-length":
                 length = value
         request_id = offered if offered and _VALID_REQUEST_ID.match(offered) else os.urandom(16).hex()
+        REQUEST_ID.set(request_id)  # this request's task's own: see app/logs.py
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight += 1
         path: str = scope["path"]
         extra_headers = [
             *(self.docs_headers if path in self.docs_paths else self.api_headers),
@@ -129,7 +139,11 @@ class ApiMiddleware:
         finally:
             if isinstance(receive, _BodyReader) and receive.received >= LARGE_BODY_BYTES:
                 self.give_memory_back_soon()
-            elapsed_ms = (time.perf_counter() - started) * 1000
+            elapsed = time.perf_counter() - started
+            if metrics is not None:
+                metrics.in_flight -= 1
+                metrics.observe(scope, status, elapsed)
+            elapsed_ms = elapsed * 1000
             user_id = state.get("user_id")
             logger.info(
                 "%s %s %s %.1fms",

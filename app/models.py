@@ -47,6 +47,9 @@ class Profile(Base):
     # Equal to Supabase's auth.users.id.
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     full_name: Mapped[str | None] = mapped_column(Text)
+    # The email the user's token carried when the profile was made (or first bought), in lower case: support finds
+    # a user by it. Supabase's auth.users, where it exists, has the current one.
+    email: Mapped[str | None] = mapped_column(Text, index=True)
     # No default worth having: a balance starts with its ledger's signup grant (rows made outside the API
     # start empty rather than with credits the ledger never recorded).
     credits: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))

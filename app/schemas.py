@@ -291,3 +291,66 @@ class ReplayOut(BaseModel):
     type: str = Field(examples=["invoice.paid"])
     duplicate: bool = Field(description="The event was already processed; nothing changed")
     outcome: str = Field(description="What processing did", examples=["granted 2000 credits"])
+
+
+# --- Support (service role) ------------------------------------------------------------------------------------
+
+
+class StripeEventOut(BaseModel):
+    id: str = Field(examples=["evt_1Q2w3E"])
+    type: str = Field(examples=["checkout.session.completed"])
+    created: datetime = Field(description="When Stripe created the event")
+    processed_at: datetime
+    outcome: str | None = Field(description="What processing did", examples=["granted 500 credits"])
+
+
+class RecordedCheckoutOut(BaseModel):
+    id: str = Field(examples=["cs_test_a1b2c3"])
+    mode: str = Field(examples=["payment"])
+    price_id: str
+    name: str
+    credits: int
+    subscription_id: str | None
+    created_at: datetime
+
+
+class PaymentOut(BaseModel):
+    id: str = Field(description="The PaymentIntent", examples=["pi_3Q2w3E"])
+    grant_kind: str
+    grant_reference: str = Field(description="The checkout session or invoice it paid for")
+    credits_granted: int
+    amount_paid: int = Field(description="In the currency's smallest unit")
+    currency: str | None
+    amount_refunded: int
+    credits_refunded: int
+    credits_disputed: int
+    created_at: datetime
+
+
+class SupportProfileOut(BaseModel):
+    """One user as support sees them: the profile with its balance figures, and what moved it."""
+
+    profile: ProfileOut
+    email: str | None = Field(description="Supabase's, where its auth.users is readable; else the one stored")
+    recent_entries: list[CreditEntryOut] = Field(description="The newest ledger entries, newest first")
+    active_holds: list[HoldOut]
+    stripe_events: list[StripeEventOut] = Field(description="Stripe events that concerned this user, newest first")
+    checkouts: list[RecordedCheckoutOut] = Field(description="Checkouts started, newest first (paid or not)")
+    payments: list[PaymentOut] = Field(description="Payments behind grants, with what was refunded or disputed")
+
+
+class SupportSearchOut(BaseModel):
+    profiles: list[SupportProfileOut] = Field(description="Every user found (none, one, or a few sharing an email)")
+
+
+class SupportQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: str | None = Field(None, min_length=3, max_length=320, examples=["ada@example.com"])
+    stripe_customer_id: str | None = Field(None, min_length=1, max_length=255, examples=["cus_Q2w3E"])
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SupportQuery:
+        if (self.email is None) == (self.stripe_customer_id is None):
+            raise ValueError("give email or stripe_customer_id (one of them)")
+        return self

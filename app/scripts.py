@@ -15,6 +15,8 @@ from typing import NoReturn
 
 # The checkout: where main.py, pyproject.toml and a developer's .env live.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# gunicorn's hooks for the metrics (the Dockerfile names the same module).
+GUNICORN_CONFIG = "python:app.gunicorn_conf"
 
 
 def _tool(module: str, *args: str) -> list[str]:
@@ -80,14 +82,18 @@ def start() -> NoReturn:
     """Production serving, the same command line as the Dockerfile's (gunicorn reads WEB_CONCURRENCY itself).
 
     HOST and PORT come from the settings, as for every command: 127.0.0.1 in development, 0.0.0.0 in
-    production, unless HOST says otherwise. No control socket: nothing uses it, and it needs a writable home."""
+    production, unless HOST says otherwise. No control socket: nothing uses it, and it needs a writable home.
+    app/gunicorn_conf.py sets up the metrics' multiprocess mode when METRICS_ENABLED."""
     args = enter_project()
     from app.config import load_settings
 
     settings = load_settings()
     bind = f"{settings.bind_host}:{settings.port}"
     worker = "uvicorn_worker.UvicornWorker"
-    _exec(_tool("gunicorn", "main:app", "--worker-class", worker, "--bind", bind, "--no-control-socket", *args))
+    config = ("--config", GUNICORN_CONFIG)
+    _exec(
+        _tool("gunicorn", "main:app", *config, "--worker-class", worker, "--bind", bind, "--no-control-socket", *args)
+    )
 
 
 def new_migration() -> NoReturn:

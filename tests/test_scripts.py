@@ -169,7 +169,10 @@ async def test_start_serves_like_production_and_stops_on_sigterm(
     env = {**subprocess_env, "PORT": str(port), "WEB_CONCURRENCY": "1"}
     text = await _serve_until_sigterm("start", env, port, tmp_path / "start.log")
     # Development binds this machine only; no control socket (it needs a writable home, see the Dockerfile).
-    command = f"-m gunicorn main:app --worker-class uvicorn_worker.UvicornWorker --bind 127.0.0.1:{port} "
+    command = (
+        "-m gunicorn main:app --config python:app.gunicorn_conf --worker-class uvicorn_worker.UvicornWorker "
+        f"--bind 127.0.0.1:{port} "
+    )
     assert command + "--no-control-socket\n" in text
     assert text.count("Booting worker") == 1  # WEB_CONCURRENCY=1
     assert "Shutting down: Master" in text

@@ -1,17 +1,52 @@
 """What only the service role may do: adjustments and support."""
 
+from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from app.deps import Db, DbRoute, IdempotencyKey, ServiceRole, SessionDep, SettingsDep, StripeDep
 from app.routes.responses import errors
-from app.schemas import AdjustmentRequest, BalanceChangeOut, ReplayOut
-from app.services import credits
+from app.schemas import (
+    AdjustmentRequest,
+    BalanceChangeOut,
+    ReplayOut,
+    SupportProfileOut,
+    SupportQuery,
+    SupportSearchOut,
+)
+from app.services import credits, support
 from app.services.billing.events import WebhookContext
 from app.services.billing.webhook import replay_event
 
 router = APIRouter(tags=["admin"], route_class=DbRoute)
+
+
+@router.get(
+    "/admin/profiles",
+    summary="Find users by email or Stripe customer id (service role)",
+    description=(
+        "`?email=` (any case) or `?stripe_customer_id=`: each user found, as `GET /admin/profiles/{user_id}` shows "
+        "them (none: an empty list)."
+    ),
+    responses=errors(401, 403, 422, 503),
+)
+async def find_profiles(_: ServiceRole, db: Db, query: Annotated[SupportQuery, Query()]) -> SupportSearchOut:
+    found = await support.find_users(db, email=query.email, stripe_customer_id=query.stripe_customer_id)
+    return SupportSearchOut(profiles=[await support.support_view(db, user_id) for user_id in found])
+
+
+@router.get(
+    "/admin/profiles/{user_id}",
+    summary="One user as support sees them (service role)",
+    description=(
+        "The profile and its balance figures, the newest ledger entries, active holds, the Stripe events that "
+        "concerned the user with what each did, their checkouts and the payments behind their grants."
+    ),
+    responses=errors(401, 403, 404, 422, 503),
+)
+async def profile_for_support(_: ServiceRole, db: Db, user_id: UUID) -> SupportProfileOut:
+    return await support.support_view(db, user_id)
 
 
 @router.post(

@@ -9,7 +9,7 @@ from app.schemas import CatalogueEntryOut, CheckoutOut, CheckoutRequest, ErrorRe
 from app.services.billing import checkout as billing
 from app.services.billing.events import WebhookContext
 from app.services.billing.handlers import HANDLED_EVENTS
-from app.services.billing.webhook import process_event
+from app.services.billing.webhook import receive
 
 router = APIRouter(tags=["billing"])
 webhook_router = APIRouter(tags=["webhook"])
@@ -81,5 +81,5 @@ async def webhook(
     event: VerifiedEvent, session: SessionDep, settings: SettingsDep, client: OptionalStripe
 ) -> WebhookOut:
     context = WebhookContext(session, settings.catalogue, client)
-    result = await process_event(context, event)
+    result = await receive(context, event)
     return WebhookOut(duplicate=result.duplicate, outcome=result.outcome)

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database import Queries
 from app.errors import AppError
+from app.metrics import count_credits
 from app.models import CreditEntry, CreditHold, CreditKind, Profile
 from app.schemas import BalanceOut, CreditEntryOut
 from app.services.profiles import ProfileNotFound, lock_profile
@@ -115,7 +116,10 @@ async def move_balance(
     row = await db.fetchrow(_MOVE_SQL, user_id, amount, kind.value, reference, note, checked)
     if row is None and checked and await expire_due_holds(db, user_id):
         row = await db.fetchrow(_MOVE_SQL, user_id, amount, kind.value, reference, note, checked)
-    return _entry(row) if row is not None else None
+    if row is None:
+        return None
+    count_credits(kind.value, amount)
+    return _entry(row)
 
 
 async def _keyed(

@@ -17,6 +17,7 @@ from uuid import UUID
 from app.auth import Principal, User
 from app.database import Queries
 from app.errors import AppError
+from app.metrics import count_credits, count_held
 from app.models import HoldState
 from app.schemas import BalanceOut, CreditEntryOut, HoldOut
 from app.services.credits import (
@@ -130,6 +131,7 @@ async def create(
         row = await db.fetchrow(_RESERVE_SQL, *arguments)
     if row is None:
         raise InsufficientCredits(await balance(db, user_id), amount)  # or 404 without a profile
+    count_held(amount)
     return HoldResult(_hold(row), _balance(row))
 
 
@@ -171,4 +173,5 @@ async def _resolve(
     reference = HOLD_REFERENCE_PREFIX + str(hold_id)
     resolved = await db.fetchrow(_RESOLVE_SQL, hold_id, state.value, captured, key, reference)
     assert resolved is not None  # the row is locked by this transaction
+    count_credits("hold_capture", -captured)
     return HoldResult(_hold(resolved), _balance(resolved), _entry(resolved))

@@ -14,6 +14,7 @@ from app.auth import User
 from app.config import SignupGrants
 from app.database import Queries, SessionQueries
 from app.errors import AppError
+from app.metrics import count_credits
 from app.models import CreditEntry, CreditKind, Profile
 from app.schemas import ProfileOut
 
@@ -76,17 +77,17 @@ FROM profiles p, LATERAL (
 WHERE p.id = $1
 """  # noqa: S608 - column names from the schema
 _LOCK_SQL = "SELECT credits FROM profiles WHERE id = $1 FOR UPDATE"
-# The signup grant an anonymous profile was waiting for, once its user has a permanent account.
+# The signup grant an anonymous profile was waiting for, once its user has a permanent account (with its email).
 _CONVERT_SQL = """
 WITH converted AS (
-    UPDATE profiles p SET credits = p.credits + w.pending, signup_pending = NULL
+    UPDATE profiles p SET credits = p.credits + w.pending, signup_pending = NULL, email = coalesce($4, p.email)
     FROM (SELECT signup_pending AS pending FROM profiles WHERE id = $1 FOR UPDATE) w
     WHERE p.id = $1 AND w.pending IS NOT NULL
     RETURNING p.id, p.credits, w.pending
 )
 INSERT INTO credit_entries (profile_id, amount, balance_after, kind, reference, note)
 SELECT id, pending, credits, 'signup_grant', $2, $3 FROM converted
-RETURNING id
+RETURNING amount
 """
 
 
@@ -95,9 +96,16 @@ async def read_profile(db: Queries, user: User) -> ProfileOut | None:
     signs in with a permanent account gets its signup grant first."""
     row = await db.fetchrow(_READ_SQL, user.id)
     if row is not None and row["anonymous"] and not user.anonymous:
-        await db.fetchval(_CONVERT_SQL, user.id, SIGNUP_REFERENCE, SIGNUP_NOTE)
+        granted = await db.fetchval(_CONVERT_SQL, user.id, SIGNUP_REFERENCE, SIGNUP_NOTE, _email(user))
+        if granted is not None:
+            count_credits(CreditKind.SIGNUP_GRANT.value, granted)
         row = await db.fetchrow(_READ_SQL, user.id)
     return ProfileOut.model_validate(dict(row)) if row is not None else None
+
+
+def _email(user: User) -> str | None:
+    """The token's email as stored for support's lookups: in lower case, as Supabase keeps it."""
+    return user.email.lower() if user.email else None
 
 
 async def lock_profile(db: Queries, user_id: UUID) -> int:
@@ -120,12 +128,17 @@ async def get_or_create_profile(
     """
     credits = grants.anonymous if user.anonymous else grants.signup
     pending = grants.signup if user.anonymous else None
+    email = _email(user)
     created = await session.scalar(
         insert(Profile)
-        .values(id=user.id, full_name=full_name, credits=credits, signup_pending=pending)
+        .values(id=user.id, full_name=full_name, credits=credits, signup_pending=pending, email=email)
         .on_conflict_do_nothing(index_elements=[Profile.id])
         .returning(Profile.id)
     )
+    if created is None and email is not None:  # made by the signup trigger, or before emails were kept
+        await session.execute(
+            update(Profile).where(Profile.id == user.id, Profile.email.is_distinct_from(email)).values(email=email)
+        )
     if created is not None and (credits or not user.anonymous):
         kind = CreditKind.ANONYMOUS_GRANT if user.anonymous else CreditKind.SIGNUP_GRANT
         await session.execute(
@@ -138,10 +151,17 @@ async def get_or_create_profile(
                 note=SIGNUP_NOTE if kind is CreditKind.SIGNUP_GRANT else ANONYMOUS_NOTE,
             )
         )
+        count_credits(kind.value, credits)
     profile = await read_profile(SessionQueries(session), user)
     if profile is None:  # deleted between the two statements
         raise ProfileNotFound
     return profile, created is not None
+
+
+async def profile_by_id(db: Queries, user_id: UUID) -> ProfileOut | None:
+    """Any user's profile as the API shows it (for support)."""
+    row = await db.fetchrow(_READ_SQL, user_id)
+    return ProfileOut.model_validate(dict(row)) if row is not None else None
 
 
 async def update_full_name(session: AsyncSession, user_id: UUID, full_name: str | None) -> ProfileOut:

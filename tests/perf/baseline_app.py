@@ -61,7 +61,7 @@ async def health() -> dict[str, str]:
 
 @app.get("/profile")
 async def get_profile(user: CurrentUser, session: Session) -> Response:
-    profile = await profiles.read_profile(SessionQueries(session), user.id)
+    profile = await profiles.read_profile(SessionQueries(session), user)
     if profile is None:
         raise profiles.ProfileNotFound
     return Response(profile.model_dump_json(), media_type="application/json")

@@ -8,9 +8,11 @@ credits ledger. Then, for each variant of the app (the app as configured, "poole
 new database connection per request, SQLAlchemy's NullPool), it starts gunicorn with uvicorn workers on
 127.0.0.1 and drives each scenario from a separate process, wrk when installed, else tests/perf/loadgen.py,
 over --connections keep-alive connections with --users distinct signed tokens, for --duration seconds after a
-warm-up, for --rounds rounds in which the variants take turns. It prints a Markdown table of each variant's
-median run (requests/s, p50 and p99 latency, errors, new database connections) with the pooled / baseline
-ratios (the median of the rounds'), and checks the ledger invariant after every spend run. Everything it started is
+warm-up, for --rounds rounds in which the variants take turns. With --metrics, a third variant serves the app with
+its Prometheus metrics on (METRICS_ENABLED, scraped after each run), to compare with "pooled", where they are off.
+It prints a Markdown table of each variant's median run (requests/s, p50 and p99 latency, errors, new database
+connections) with the pooled / baseline and metrics / pooled ratios (the median of the rounds'), and checks the
+ledger invariant after every spend run. Everything it started is
 stopped at the end, on failure and on Ctrl-C. See docs/benchmarks.md.
 """
 
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -55,7 +58,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine  # noqa: E4
 from sqlalchemy.pool import NullPool  # noqa: E402
 
 from app.config import split_sslmode  # noqa: E402
-from app.database import migrate, start_embedded_postgres  # noqa: E402
+from app.database import migrate  # noqa: E402
+from app.embedded import start_embedded_postgres  # noqa: E402
 from app.services.credits import find_ledger_mismatches  # noqa: E402
 
 # The original design, a new connection per request (SQLAlchemy's NullPool), as an app of its own.
@@ -65,6 +69,9 @@ SEED_CREDITS = 1_000_000_000  # large enough for any number of one-credit spends
 WRK_SCRIPT = PERF_DIR / "rotate_tokens.lua"
 HOLD_SCRIPT = PERF_DIR / "hold_capture.lua"
 LOADGEN = PERF_DIR / "loadgen.py"
+# The production command's gunicorn configuration (app/gunicorn_conf.py: the metrics' multiprocess mode).
+GUNICORN_CONFIG = "python:app.gunicorn_conf"
+METRICS_TOKEN = "bench-metrics-" + secrets.token_hex(16)
 HEALTH_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 10
 
@@ -335,7 +342,8 @@ def gunicorn(variant: Variant, workers: int, database_url: URL, secret: str, wor
     port = free_port()
     rundir = work / f"server-{variant.key}"
     rundir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE", "SUPABASE_", "BENCH_"))}
+    settings_prefixes = ("DB_", "DATABASE", "SUPABASE_", "BENCH_", "METRICS_", "PROMETHEUS_", "SENTRY_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(settings_prefixes)}
     env.pop("WEB_CONCURRENCY", None)
     env.update(
         {
@@ -354,6 +362,8 @@ def gunicorn(variant: Variant, workers: int, database_url: URL, secret: str, wor
         "-m",
         "gunicorn",
         variant.module,
+        "--config",
+        GUNICORN_CONFIG,
         "--worker-class",
         "uvicorn_worker.UvicornWorker",
         "--bind",
@@ -497,6 +507,25 @@ def run_wrk(
     )
 
 
+def scraped_requests(port: int, route: str) -> int:
+    """The requests to `route` the metrics variant counted, all workers together, as Prometheus would scrape it."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
+    try:
+        connection.request("GET", "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        response = connection.getresponse()
+        text_ = response.read().decode()
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise BenchError(f"GET /metrics answered {response.status}: {text_[:200]}")
+    found = re.findall(
+        rf'^picads_http_request_duration_seconds_count{{[^}}]*route="{re.escape(route)}"[^}}]*}} (\S+)$',
+        text_,
+        re.MULTILINE,
+    )
+    return round(sum(float(value) for value in found))
+
+
 def percentile(ordered: list[int], fraction: float) -> float:
     if not ordered:
         return 0.0
@@ -574,12 +603,16 @@ def wrk_version() -> str:
 
 def variants(args: argparse.Namespace) -> list[Variant]:
     pooled = Variant("pooled", "pooled (the app as configured)", "main:app", {})
-    if args.skip_baseline:
-        return [pooled]
-    baseline = Variant(
-        "baseline", f"baseline: a connection per request (tests/perf/{BASELINE_MODULE})", BASELINE_MODULE, {}
-    )
-    return [baseline, pooled]
+    chosen = [pooled]
+    if not args.skip_baseline:
+        baseline = Variant(
+            "baseline", f"baseline: a connection per request (tests/perf/{BASELINE_MODULE})", BASELINE_MODULE, {}
+        )
+        chosen.insert(0, baseline)
+    if args.metrics:
+        env = {"METRICS_ENABLED": "true", "METRICS_TOKEN": METRICS_TOKEN}
+        chosen.append(Variant("metrics", "pooled, with its metrics on (METRICS_ENABLED)", "main:app", env))
+    return chosen
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -607,6 +640,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rounds of runs, the variants taking turns; the report shows medians (3)",
     )
     parser.add_argument("--skip-baseline", action="store_true", help="run only the app as configured")
+    parser.add_argument(
+        "--metrics", action="store_true", help="also run the app with its metrics on, to compare with them off"
+    )
     parser.add_argument(
         "--client", choices=("auto", "wrk", "python"), default="auto", help="load generator (auto: wrk if installed)"
     )
@@ -650,7 +686,7 @@ def run(args: argparse.Namespace) -> int:
 
         secret = secrets.token_urlsafe(48)
         args.service_key = service_role_key(secret)
-        planned = args.rounds * len(args.scenarios) * 2 * (args.duration + args.warmup + 30)
+        planned = args.rounds * len(args.scenarios) * len(variants(args)) * (args.duration + args.warmup + 30)
         tokens = make_tokens(secret, args.profiles, args.users, lifetime=int(planned) + 3600)
         tokens_file = work / "tokens.txt"
         tokens_file.write_text("\n".join(tokens) + "\n")
@@ -672,6 +708,9 @@ def run(args: argparse.Namespace) -> int:
                     processes = (master, postmaster)
                     row = measure(args, scenario, variant, port, processes, tokens_file, server_url, database_name)
                     row.round = round_number
+                    if variant.key == "metrics":
+                        counted = scraped_requests(port, scenario.path)
+                        log(f"  /metrics: {counted:,} requests to {scenario.path} counted since the server started")
                     if scenario.key in {"spend", "hold"}:
                         mismatches, spends = asyncio.run(check_ledger(database_url))
                         invariant_broken |= mismatches > 0
@@ -772,7 +811,7 @@ def report(args: argparse.Namespace, rows: list[Row], server_kind: str, pg_versi
         *(
             [
                 f"- {args.rounds} rounds, the variants taking turns on each scenario; the table shows each variant's "
-                "median run, and the ratios are each round's pooled run over the baseline run beside it"
+                "median run, and the ratios are each round's run of one variant over the other's beside it"
             ]
             if args.rounds > 1
             else []
@@ -800,23 +839,10 @@ def report(args: argparse.Namespace, rows: list[Row], server_kind: str, pg_versi
         )
     lines.append("")
     for scenario in args.scenarios:
-        pooled_runs = groups.get((scenario.key, "pooled"), [])
-        baseline_runs = {row.round: row.result for row in groups.get((scenario.key, "baseline"), [])}
-        # Each round's pooled run against the same round's baseline, which ran just before or after it.
-        ratios = sorted(
-            row.result.rate / baseline_runs[row.round].rate
-            for row in pooled_runs
-            if row.round in baseline_runs and baseline_runs[row.round].rate
-        )
-        pooled, baseline = medians.get((scenario.key, "pooled")), medians.get((scenario.key, "baseline"))
-        if not ratios or pooled is None or baseline is None or not baseline.result.p99_ms:
-            continue
-        listed = ", ".join(f"{ratio:.1f}x" for ratio in ratios)
-        rounds = f" (median of {len(ratios)} rounds: {listed})" if len(ratios) > 1 else ""
-        lines.append(
-            f"- {scenario.title}, pooled / baseline: **{ratios[(len(ratios) - 1) // 2]:.1f}x** requests/s{rounds}, "
-            f"p99 {pooled.result.p99_ms / baseline.result.p99_ms:.2f}x"
-        )
+        for top, bottom in (("pooled", "baseline"), ("metrics", "pooled")):
+            line = ratio_line(scenario, groups, medians, top, bottom)
+            if line is not None:
+                lines.append(line)
     hold = medians.get(("hold", "pooled"))
     if hold is not None:
         lines.append(f"- Hold then capture: **{hold.result.rate / 2:,.0f} pairs/s** (median run; two requests a pair)")
@@ -838,6 +864,35 @@ def report(args: argparse.Namespace, rows: list[Row], server_kind: str, pg_versi
         f"machine (other work makes the figures noisy; {os.cpu_count()} cores in all).",
     ]
     return "\n".join(lines)
+
+
+def ratio_line(
+    scenario: Scenario,
+    groups: dict[tuple[str, str], list[Row]],
+    medians: dict[tuple[str, str], Row],
+    top: str,
+    bottom: str,
+) -> str | None:
+    """One variant's requests/s over another's for a scenario: the median of the rounds' ratios, each round's run
+    against the same round's other run (just before or after it). With metrics on over off, as a percentage."""
+    bottom_runs = {row.round: row.result for row in groups.get((scenario.key, bottom), [])}
+    ratios = sorted(
+        row.result.rate / bottom_runs[row.round].rate
+        for row in groups.get((scenario.key, top), [])
+        if row.round in bottom_runs and bottom_runs[row.round].rate
+    )
+    upper, lower = medians.get((scenario.key, top)), medians.get((scenario.key, bottom))
+    if not ratios or upper is None or lower is None or not lower.result.p99_ms:
+        return None
+    as_percent = top == "metrics"
+    shown = [f"{ratio:.1%}" if as_percent else f"{ratio:.1f}x" for ratio in ratios]
+    rounds = f" (median of {len(ratios)} rounds: {', '.join(shown)})" if len(ratios) > 1 else ""
+    median = shown[(len(shown) - 1) // 2]
+    what = "of the requests/s with them off" if as_percent else "requests/s"
+    return (
+        f"- {scenario.title}, {top} / {bottom}: **{median}** {what}{rounds}, "
+        f"p99 {upper.result.p99_ms / lower.result.p99_ms:.2f}x"
+    )
 
 
 def _interrupt(signum: int, _frame: object) -> None:

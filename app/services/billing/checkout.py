@@ -20,12 +20,16 @@ from app.errors import AppError
 from app.models import CheckoutSession, Profile
 from app.services import profiles
 from app.services.billing.rules import ENDED_STATUSES, find_offer
-from app.services.billing.stripe_api import StripeFailed
+from app.services.billing.stripe_api import StripeFailed, counted
 
 # Where Stripe sends the user back to, on FRONTEND_URL. Checkout fills in {CHECKOUT_SESSION_ID} itself.
 SUCCESS_PATH = "/billing/success?session_id={CHECKOUT_SESSION_ID}"
 CANCEL_PATH = "/billing/cancel"
 PORTAL_RETURN_PATH = "/billing"
+# What each call to Stripe does: in its error messages, and its name in the metrics.
+CREATE_CUSTOMER = "create the Stripe customer"
+CREATE_CHECKOUT = "create the checkout session"
+OPEN_PORTAL = "open the customer portal"
 
 
 class SubscriptionExists(AppError):
@@ -47,9 +51,10 @@ async def _create_customer(sessions: async_sessionmaker[AsyncSession], client: s
         params["email"] = user.email
     try:
         # Keyed by user: a retry (or a concurrent first checkout) gets the same customer, not a second one.
-        customer = await client.v1.customers.create_async(params, {"idempotency_key": f"customer-{user.id}"})
+        call = client.v1.customers.create_async(params, {"idempotency_key": f"customer-{user.id}"})
+        customer = await counted(CREATE_CUSTOMER, call)
     except stripe.StripeError as exc:
-        raise StripeFailed("create the Stripe customer", exc) from None
+        raise StripeFailed(CREATE_CUSTOMER, exc) from None
     async with sessions.begin() as session:
         stored = await session.scalar(
             update(Profile)
@@ -94,11 +99,11 @@ async def create_checkout(
         # Copied onto the subscription and every invoice of it, so each renewal finds this checkout.
         params["subscription_data"] = {"metadata": metadata}
     try:
-        checkout = await client.v1.checkout.sessions.create_async(params)
+        checkout = await counted(CREATE_CHECKOUT, client.v1.checkout.sessions.create_async(params))
     except stripe.StripeError as exc:
-        raise StripeFailed("create the checkout session", exc) from None
+        raise StripeFailed(CREATE_CHECKOUT, exc) from None
     if not checkout.url:
-        raise StripeFailed("create the checkout session")
+        raise StripeFailed(CREATE_CHECKOUT)
     # Recorded before the URL goes out: the webhook grants only for checkouts this service created, and what
     # they sold, whatever a session's metadata says.
     async with sessions.begin() as session:
@@ -130,7 +135,7 @@ async def create_portal(
         "return_url": return_base + PORTAL_RETURN_PATH,
     }
     try:
-        portal = await client.v1.billing_portal.sessions.create_async(params)
+        portal = await counted(OPEN_PORTAL, client.v1.billing_portal.sessions.create_async(params))
     except stripe.StripeError as exc:
-        raise StripeFailed("open the customer portal", exc) from None
+        raise StripeFailed(OPEN_PORTAL, exc) from None
     return portal.url

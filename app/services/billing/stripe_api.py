@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import stripe
 
 from app.config import Settings
 from app.errors import AppError, ServiceUnavailable
+from app.metrics import count_stripe_call
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +83,41 @@ class StripeUnreachable(ServiceUnavailable):
     retry_after = 60
 
 
+Answer = TypeVar("Answer")
+
+
+async def counted(action: str, call: Awaitable[Answer]) -> Answer:
+    """One call to Stripe's API, counted in the metrics by its action ("read the invoice") and result; its errors
+    are raised as they are."""
+    try:
+        answer = await call
+    except stripe.StripeError as exc:
+        count_stripe_call(action, _result(exc))
+        raise
+    count_stripe_call(action, "ok")
+    return answer
+
+
+def _result(exc: stripe.StripeError) -> str:
+    if isinstance(exc, stripe.InvalidRequestError) and exc.code == "resource_missing":
+        return "not_found"
+    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        return "unauthorized"
+    if isinstance(exc, stripe.RateLimitError):
+        return "rate_limited"
+    if isinstance(exc, stripe.APIConnectionError):
+        return "unreachable"
+    if isinstance(exc, stripe.APIError):
+        return "stripe_error"
+    return "refused"
+
+
 async def fetch(action: str, call: Awaitable[stripe.StripeObject]) -> dict[str, Any] | None:
     """One call to Stripe's API, as a plain dict; None when the object does not exist. Stripe being unreachable,
     slow or failing on its side is a 503 (nothing written), so Stripe retries the event later; a refusal of this
     server's request is a 502."""
     try:
-        found = await call
+        found = await counted(action, call)
     except stripe.InvalidRequestError as exc:
         if exc.code == "resource_missing":
             return None

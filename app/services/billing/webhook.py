@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import AppError
+from app.metrics import count_webhook_event
 from app.models import StripeEvent
 from app.services.billing.events import EventIgnored, Handler, WebhookContext
 from app.services.billing.handlers import HANDLERS
@@ -48,7 +49,15 @@ NOT_AN_EVENT = "the webhook body is not a Stripe event"
 
 def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
     """The event, once its Stripe-Signature is verified on the raw body and its time is within 300 s of this
-    server's clock, either way; else 400."""
+    server's clock, either way; else 400 (counted in the metrics: a wrong secret refuses every payment)."""
+    try:
+        return _verified(payload, signature, secret)
+    except WebhookRefused:
+        count_webhook_event(UNVERIFIED, "refused")
+        raise
+
+
+def _verified(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
     if not signature:
         raise WebhookRefused(MISSING_SIGNATURE)
     try:
@@ -71,11 +80,53 @@ def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str
     return data
 
 
+# The metrics' name for an event whose signature did not check out (its type is not to be believed), and for types
+# not handled here (only Stripe's own types reach this far, but which ones is up to the endpoint's settings).
+UNVERIFIED = "unverified"
+OTHER_TYPE = "other"
+# Each outcome's first word, and what the metrics call it: a few words, never the outcome's own text.
+OUTCOME_KINDS = {
+    "granted": "granted",
+    "took": "taken_back",
+    "gave": "given_back",
+    "subscription": "updated",
+    "waiting": "waiting",
+    "payment": "payment_failed",
+    "ignored": "ignored",
+    "rejected": "rejected",
+    "duplicate": "duplicate",
+    "already": "unchanged",
+    "nothing": "unchanged",
+    "dispute": "unchanged",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookResult:
     duplicate: bool
     outcome: str
     type: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The outcome in a word, for the metrics: granted, taken_back, ignored, rejected, duplicate..."""
+        return OUTCOME_KINDS.get(self.outcome.split(":")[0].split(" ")[0], "other")
+
+
+def type_label(event_type: str) -> str:
+    return event_type if event_type in HANDLERS else OTHER_TYPE
+
+
+async def receive(ctx: WebhookContext, data: dict[str, Any]) -> WebhookResult:
+    """A delivery to the webhook: processed, and counted in the metrics by type and outcome (`failed` when it
+    could not be processed now, and Stripe will retry)."""
+    try:
+        result = await process_event(ctx, data)
+    except Exception:
+        count_webhook_event(type_label(data["type"]), "failed")
+        raise
+    count_webhook_event(type_label(result.type), result.kind)
+    return result
 
 
 class EventNotFound(AppError):

@@ -208,6 +208,9 @@ class HotPool:
 
     pool: asyncpg.Pool
     max_wait: float
+    # The loop the pool belongs to: its clock is read on every checkout, without looking the loop up (which on
+    # Python 3.11 asks the kernel for the process id each time).
+    loop: asyncio.AbstractEventLoop
     taken: int = 0
 
 
@@ -251,7 +254,7 @@ async def open_driver_pool(settings: Settings, url: URL) -> HotPool:
         setup=ping_if_idle,
         reset=mark_released,
     )
-    return HotPool(pool, settings.db_pool_timeout)
+    return HotPool(pool, settings.db_pool_timeout, asyncio.get_running_loop())
 
 
 async def checkout(hot: HotPool) -> asyncpg.Connection:
@@ -259,8 +262,7 @@ async def checkout(hot: HotPool) -> asyncpg.Connection:
 
     While a connection is free nothing waits, and its one ping or reconnect has its own timeout within the
     deadline: the deadline's timer is only armed when that fails or every connection is taken."""
-    pool = hot.pool
-    loop = asyncio.get_running_loop()
+    pool, loop = hot.pool, hot.loop
     deadline = loop.time() + hot.max_wait
     hot.taken += 1
     try:
@@ -308,33 +310,63 @@ async def release(hot: HotPool, connection: asyncpg.Connection) -> None:
 _CLEAN_FAILURES = (AppError, HTTPException, RequestValidationError, asyncpg.PostgresError)
 
 
-@asynccontextmanager
-async def driver_transaction(hot: HotPool, *, read_only: bool) -> AsyncIterator[Any]:
+class driver_transaction:
     """The request's driver connection, with the session's contract: one transaction, committed when the route
     returns (before the response is sent) and rolled back on any error. Reads run without one (two round trips
-    fewer). A request that failed any other way (mid-protocol, cancelled) never returns its connection."""
-    connection = await checkout(hot)
-    reusable = False
-    try:
-        if read_only:
-            yield connection
-        else:
-            async with connection.transaction():
-                yield connection
-        reusable = True
-    except Exception as exc:
-        # Lost even between two statements, which asyncpg reports as a protocol error on the next one.
-        lost = is_connection_failure(exc) or not _still_open(connection)
-        reusable = not lost and isinstance(exc, _CLEAN_FAILURES)
+    fewer). A request that failed any other way (mid-protocol, cancelled) never returns its connection.
+
+    A class rather than an @asynccontextmanager generator: it runs on every hot-path request (docs/benchmarks.md)."""
+
+    __slots__ = ("connection", "hot", "read_only", "transaction")
+
+    def __init__(self, hot: HotPool, *, read_only: bool) -> None:
+        self.hot = hot
+        self.read_only = read_only
+        self.transaction: Any = None
+
+    async def __aenter__(self) -> Any:
+        self.connection = await checkout(self.hot)
+        if not self.read_only:
+            try:
+                self.transaction = self.connection.transaction()
+                await self.transaction.start()
+            except BaseException as exc:
+                await self._give_back(exc)
+                raise
+        return self.connection
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        failure = exc
+        if self.transaction is not None:
+            try:
+                if exc is None:
+                    await self.transaction.commit()
+                else:
+                    await self.transaction.rollback()
+            except BaseException as ended:  # as in `async with transaction`: this error replaces the request's
+                failure = ended
+        await self._give_back(failure)
+        if failure is not None and failure is not exc:
+            raise failure
+
+    async def _give_back(self, failure: BaseException | None) -> None:
+        """Back to the pool when in a known state; otherwise closed. The failure, said as what it means."""
+        connection = self.connection
+        reusable = failure is None
+        lost = False
+        if isinstance(failure, Exception):
+            # Lost even between two statements, which asyncpg reports as a protocol error on the next one.
+            lost = is_connection_failure(failure) or not _still_open(connection)
+            reusable = not lost and isinstance(failure, _CLEAN_FAILURES)
+        try:
+            if not reusable and _still_open(connection):
+                connection.terminate()
+        finally:
+            await release(self.hot, connection)
         if lost:
-            raise DatabaseUnavailable from exc
-        if isinstance(exc, asyncpg.LockNotAvailableError):
-            raise BalanceBusy from exc
-        raise
-    finally:
-        if not reusable and _still_open(connection):
-            connection.terminate()
-        await release(hot, connection)
+            raise DatabaseUnavailable from failure
+        if isinstance(failure, asyncpg.LockNotAvailableError):
+            raise BalanceBusy from failure
 
 
 def _still_open(connection: asyncpg.Connection) -> bool:

@@ -64,15 +64,16 @@ def refuse_protected_fields(data: Any) -> None:
 
 _COMPUTED = {"held", "available", "anonymous"}
 _COLUMNS = ", ".join(f"p.{name}" for name in ProfileOut.model_fields if name not in _COMPUTED)
-# Held: the active holds not yet past their expiry (an expired one stops counting at once, marked or not). Read
-# only for a profile holding anything: most hold nothing, and every page of the front end reads this.
-_READ_SQL = f"""
-SELECT {_COLUMNS}, h.held, p.credits - h.held AS available, p.signup_pending IS NOT NULL AS anonymous
+_SELECT = f"SELECT {_COLUMNS}, p.signup_pending IS NOT NULL AS anonymous"
+# Most profiles hold nothing (profiles.held, the sum of their active holds, is 0), and every page of the front end
+# reads this: one plain row. A profile holding something is read again with what still counts as held: the active
+# holds not yet past their expiry (an expired one stops counting at once, marked or not).
+_READ_SQL = f"{_SELECT}, p.held, p.credits - p.held AS available FROM profiles p WHERE p.id = $1"
+_READ_HOLDING_SQL = f"""
+{_SELECT}, h.held, p.credits - h.held AS available
 FROM profiles p, LATERAL (
-    SELECT CASE WHEN p.held = 0 THEN 0 ELSE (
-        SELECT coalesce(sum(amount), 0)::bigint FROM credit_holds
-        WHERE profile_id = p.id AND state = 'active' AND expires_at > now()
-    ) END AS held
+    SELECT coalesce(sum(amount), 0)::bigint AS held FROM credit_holds
+    WHERE profile_id = p.id AND state = 'active' AND expires_at > now()
 ) h
 WHERE p.id = $1
 """  # noqa: S608 - column names from the schema
@@ -94,13 +95,20 @@ RETURNING amount
 async def read_profile(db: Queries, user: User) -> ProfileOut | None:
     """The profile as the API shows it (read on every page of the front end). An anonymous profile whose user now
     signs in with a permanent account gets its signup grant first."""
-    row = await db.fetchrow(_READ_SQL, user.id)
+    row = await _profile_row(db, user.id)
     if row is not None and row["anonymous"] and not user.anonymous:
         granted = await db.fetchval(_CONVERT_SQL, user.id, SIGNUP_REFERENCE, SIGNUP_NOTE, _email(user))
         if granted is not None:
             count_credits(CreditKind.SIGNUP_GRANT.value, granted)
-        row = await db.fetchrow(_READ_SQL, user.id)
+        row = await _profile_row(db, user.id)
     return ProfileOut.model_validate(dict(row)) if row is not None else None
+
+
+async def _profile_row(db: Queries, user_id: UUID) -> Mapping[str, Any] | None:
+    row = await db.fetchrow(_READ_SQL, user_id)
+    if row is not None and row["held"]:
+        row = await db.fetchrow(_READ_HOLDING_SQL, user_id)
+    return row
 
 
 def _email(user: User) -> str | None:
@@ -160,7 +168,7 @@ async def get_or_create_profile(
 
 async def profile_by_id(db: Queries, user_id: UUID) -> ProfileOut | None:
     """Any user's profile as the API shows it (for support)."""
-    row = await db.fetchrow(_READ_SQL, user_id)
+    row = await _profile_row(db, user_id)
     return ProfileOut.model_validate(dict(row)) if row is not None else None
 
 
@@ -168,7 +176,7 @@ async def update_full_name(session: AsyncSession, user_id: UUID, full_name: str 
     updated = await session.scalar(
         update(Profile).where(Profile.id == user_id).values(full_name=full_name).returning(Profile.id)
     )
-    row = await SessionQueries(session).fetchrow(_READ_SQL, user_id) if updated is not None else None
+    row = await _profile_row(SessionQueries(session), user_id) if updated is not None else None
     if row is None:
         raise ProfileNotFound
     return ProfileOut.model_validate(dict(row))

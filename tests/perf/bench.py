@@ -631,7 +631,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=sorted(SCENARIOS),
-        help="run only this scenario (repeatable; default: profile and spend)",
+        help="run only this scenario (repeatable; default: profile, spend and hold)",
     )
     parser.add_argument(
         "--rounds",

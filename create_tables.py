@@ -28,8 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app import bootstrap
 from app.config import Settings, describe, load_settings
-from app.database import create_engine, migrate
+from app.database import create_engine
 from app.errors import StartupError, exception_chain
+from app.schema import migrate
 from app.services.credits import find_ledger_mismatches
 
 DEFAULT_ENV_FILE = ".env"

@@ -21,7 +21,6 @@ from app.database import (
     close_driver_pool,
     create_engine,
     create_sessionmaker,
-    migrate,
     open_driver_pool,
     resolve_database_url,
 )
@@ -31,7 +30,7 @@ from app.error_reports import start_error_reports
 from app.errors import StartupError, install_error_handlers
 from app.middleware import ApiMiddleware
 from app.routes import admin, billing, credits, operations, profile, public
-from app.schema import MIGRATE_UP_TO_VARIABLE, refuse_a_mismatched_schema, schema_state
+from app.schema import MIGRATE_UP_TO_VARIABLE, migrate, refuse_a_mismatched_schema, schema_state
 from app.services.billing.stripe_api import connect_stripe
 
 logger = logging.getLogger("app")

@@ -17,8 +17,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.config import SignupGrants
-from app.database import MIGRATION_LOCK_ID
 from app.models import Base
+from app.schema import MIGRATION_LOCK_ID
 from app.services.profiles import ANONYMOUS_NOTE, SIGNUP_NOTE, SIGNUP_REFERENCE
 
 # Supabase's API roles. PostgREST switches to `anon` or `authenticated` per request.

@@ -1,5 +1,5 @@
-"""Connections: SQLAlchemy's engine and sessions, asyncpg's pool for the hot paths, the request's transaction
-on either, and migrations."""
+"""Connections: SQLAlchemy's engine and sessions, asyncpg's pool for the hot paths, and the request's transaction
+on either. Migrations: app/schema.py."""
 
 from __future__ import annotations
 
@@ -13,28 +13,24 @@ from typing import Any, Protocol, cast
 from uuid import uuid4
 
 import asyncpg
-from alembic import command
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import event, text
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy import event
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
 from app.config import Settings, split_sslmode
 from app.embedded import start_embedded_postgres
-from app.errors import AppError, DatabaseBusy, DatabaseUnavailable, StartupError, is_connection_failure
+from app.errors import AppError, DatabaseBusy, DatabaseUnavailable, is_connection_failure
 from app.metrics import observe_pool_wait
-from app.schema import alembic_config, includes, read_schema_state
 
 logger = logging.getLogger(__name__)
 
 # A pooled connection unused for longer than this is pinged before use: one the network lost silently
 # (no FIN, no RST) would otherwise fail the request that draws it. One in constant use is known to be alive.
 IDLE_PING_SECONDS = 2.0
-# Any fixed number; it keeps two deploys (or two dev processes) from migrating at once.
-MIGRATION_LOCK_ID = 0x70696361
 
 
 def resolve_database_url(settings: Settings) -> URL:
@@ -384,32 +380,3 @@ async def close_driver_pool(hot: HotPool, grace: float) -> None:
     except TimeoutError:
         logger.warning("database connections still in use after %gs at shutdown: closed", grace)
         hot.pool.terminate()
-
-
-# --- Migrations ------------------------------------------------------------------------------------
-
-
-async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
-    """Apply every Alembic migration not yet applied, up to `revision` (`alembic upgrade head`), under an
-    advisory lock. A database at a revision this code does not have is refused with the way out. Returns the
-    revision the database was at (None: empty), read under the lock: with several deploys starting together, only
-    the one that migrated sees the old revision."""
-
-    def upgrade(connection: Connection) -> None:
-        config = alembic_config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-
-    async with engine.begin() as connection:
-        await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
-        state = await read_schema_state(connection)
-        if state.unknown is not None:
-            raise StartupError(state.unknown_message())
-        before = ", ".join(sorted(state.revisions)) or None
-        if revision != "head" and any(includes(applied, revision) for applied in state.revisions):
-            return before  # already there or further (a reviewed revision applied by hand)
-        # A migration waiting for a table lock would queue every request of the running app behind it:
-        # give up instead (the deploy fails and can be retried), never stall the service.
-        await connection.execute(text("SET LOCAL lock_timeout = '10s'"))
-        await connection.run_sync(upgrade)
-        return before

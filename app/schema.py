@@ -1,5 +1,5 @@
-"""The database's schema revision against the code's: Alembic's head, where the database stands, and what to do
-when the two differ (at start-up, in /health, in create_tables.py)."""
+"""The database's schema revision against the code's: Alembic's head, where the database stands, what to do
+when the two differ (at start-up, in /health, in create_tables.py), and applying the migrations."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.errors import ServiceUnavailable, StartupError
@@ -21,6 +23,8 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # `poetry run dev` sets this for its server processes: the head revision when it started. A revision written
 # while it runs is never applied by a reload, only by `alembic upgrade head` after its review.
 MIGRATE_UP_TO_VARIABLE = "PICADS_MIGRATE_UP_TO"
+# Any fixed number; it keeps two deploys (or two dev processes) from migrating at once.
+MIGRATION_LOCK_ID = 0x70696361
 
 
 def alembic_config() -> Config:
@@ -126,3 +130,29 @@ async def refuse_a_mismatched_schema(engine: AsyncEngine) -> None:
         raise StartupError(state.unknown_message())
     if state.behind:
         raise StartupError(state.behind_message())
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
+    """Apply every Alembic migration not yet applied, up to `revision` (`alembic upgrade head`), under an
+    advisory lock. A database at a revision this code does not have is refused with the way out. Returns the
+    revision the database was at (None: empty), read under the lock: with several deploys starting together, only
+    the one that migrated sees the old revision."""
+
+    def upgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    async with engine.begin() as connection:
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        state = await read_schema_state(connection)
+        if state.unknown is not None:
+            raise StartupError(state.unknown_message())
+        before = ", ".join(sorted(state.revisions)) or None
+        if revision != "head" and any(includes(applied, revision) for applied in state.revisions):
+            return before  # already there or further (a reviewed revision applied by hand)
+        # A migration waiting for a table lock would queue every request of the running app behind it:
+        # give up instead (the deploy fails and can be retried), never stall the service.
+        await connection.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await connection.run_sync(upgrade)
+        return before

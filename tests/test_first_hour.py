@@ -23,9 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.application import create_app
 from app.config import load_settings
-from app.database import migrate
 from app.errors import StartupError
-from app.schema import MIGRATE_UP_TO_VARIABLE, code_head
+from app.schema import MIGRATE_UP_TO_VARIABLE, code_head, migrate
 from tests.conftest import (
     PROJECT_ROOT,
     TEST_JWT_SECRET,

@@ -12,8 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from app.database import migrate
 from app.models import Base
+from app.schema import migrate
 from app.services.credits import find_ledger_mismatches
 from tests.conftest import throwaway_database
 

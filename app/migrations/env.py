@@ -1,4 +1,4 @@
-"""Alembic environment: runs on a connection handed over by `app.database.migrate`, or on its own
+"""Alembic environment: runs on a connection handed over by `app.schema.migrate`, or on its own
 (the `alembic` CLI) against the configured database, the embedded one included."""
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine  # noqa: E4
 from sqlalchemy.pool import NullPool  # noqa: E402
 
 from app.config import split_sslmode  # noqa: E402
-from app.database import migrate  # noqa: E402
 from app.embedded import start_embedded_postgres  # noqa: E402
+from app.schema import migrate  # noqa: E402
 from app.services.credits import find_ledger_mismatches  # noqa: E402
 
 # The original design, a new connection per request (SQLAlchemy's NullPool), as an app of its own.
